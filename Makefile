@@ -1,0 +1,25 @@
+# Quick start: `make demo` (synthetic CPU demo, a few minutes) and `make test` (the test suite).
+# Each creates .venv with Python 3.11 (python3) and installs requirements.txt pinned by
+# constraints.txt (the CPU torch 2.13.0 build) the first time.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test venv clean
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-test.txt constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt torch
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements.txt -r requirements-test.txt
+	touch $@
+
+demo: venv
+	$(PY) -m host.demo
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) work_dirs/demo

@@ -1,0 +1,28 @@
+"""AdaArcDistill at WebFace42M scale (2,059,906 identities): Partial FC sampling keeps the
+positives plus 20 % of each rank's classes per step; the center table is sharded over the GPUs
+(2.06M x 512 fp32 = 4.2 GB in total, 0.53 GB per GPU on 8 GPUs)."""
+from easydict import EasyDict as edict
+
+config = edict()
+config.distill = "adadistill"
+config.alpha = "weighted"
+config.margin_list = (1.0, 0.45, 0.0)
+config.network = "mobilefacenet"
+config.embedding_size = 512
+config.teacher_network = "r100"
+config.teacher_checkpoint = "work_dirs/teachers/webface42m_r100/backbone.pth"  # placeholder
+config.teacher_embedding_size = 512
+config.rec = "/train_tmp/WebFace42M"  # placeholder
+config.num_classes = 2059906
+config.num_image = 42474557
+config.num_epoch = 20
+config.warmup_epoch = 0
+config.lr_schedule = "step"
+config.lr_steps = (6, 11, 16, 19)
+config.lr = 0.1
+config.weight_decay = 5e-4
+config.batch_size = 128
+config.sample_rate = 0.2
+config.fp16 = True
+config.grad_clip = 5.0
+config.val_targets = ["lfw", "cfp_fp", "agedb_30"]

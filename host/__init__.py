@@ -1,0 +1,1 @@
+"""The arcface_torch-compatible code around the plugin: config, data, training, evaluation."""

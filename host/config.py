@@ -1,0 +1,66 @@
+"""arcface_torch-style config loading, with validation upstream lacks.
+
+``get_config("configs/ms1mv2_mbf_adadistill")`` loads ``configs/base.py``, then the job file, and
+merges them like arcface_torch; unlike upstream, a job key that neither base nor the plugin's
+distillation defaults define is an error naming the closest valid key, and key fields are
+type-checked.  ``output`` None becomes ``work_dirs/<name>``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Dict
+
+from easydict import EasyDict
+
+from plugins.config_defaults import (ARCFACE_JOB_KEYS, DISTILL_DEFAULTS, apply_distill_defaults,
+                                     check_types, unknown_key_message)
+
+
+def _job_name(config_arg: str) -> str:
+    norm = config_arg.replace("\\", "/")
+    if not norm.startswith("configs/"):
+        raise ValueError(f"config argument must be 'configs/<name>' (like arcface_torch), "
+                         f"got {config_arg!r}")
+    name = norm[len("configs/"):]
+    name = name[:-3] if name.endswith(".py") else name
+    if not name or "/" in name or name == "base":
+        raise ValueError(f"config argument must name a job file configs/<name>.py, "
+                         f"got {config_arg!r}")
+    return name
+
+
+def _load_module_config(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"_kdface_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+        raise ValueError(f"{path}: defines no 'config' (an easydict named config is expected)")
+    return dict(module.config)
+
+
+def get_config(config_arg: str, root: str = ".") -> EasyDict:
+    """Load ``configs/base.py`` + ``configs/<name>.py`` below ``root`` into an EasyDict.
+
+    Raises FileNotFoundError for a missing file and ValueError for an unknown key (with the
+    closest valid key) or a value of the wrong type.
+    """
+    name = _job_name(config_arg)
+    base_path = os.path.join(root, "configs", "base.py")
+    job_path = os.path.join(root, "configs", f"{name}.py")
+    base = _load_module_config(base_path)
+    job = _load_module_config(job_path)
+    known = set(base) | set(ARCFACE_JOB_KEYS) | set(DISTILL_DEFAULTS)
+    for key in job:
+        if key not in known:
+            raise ValueError(unknown_key_message(key, job_path, known))
+    cfg = dict(base)
+    cfg.update(job)
+    apply_distill_defaults(cfg)
+    check_types(cfg, job_path)
+    if cfg.get("output") is None:
+        cfg["output"] = os.path.join("work_dirs", name)
+    cfg["config_name"] = name
+    return EasyDict(cfg)

@@ -1,0 +1,123 @@
+"""Configuration keys that distillation adds to an arcface_torch config, with their defaults.
+
+They belong to the plugin, not to ``configs/base.py``: a fork's own base config lacks them, and
+``apply_distill_defaults`` fills them in, so the same job configs load with the fork's
+``utils/utils_config.get_config`` and with ours.  ``validate_config`` rejects unknown keys (with
+the closest valid name) and values of the wrong type.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Dict, Iterable, Mapping, MutableMapping, Tuple
+
+# key -> (default, one-line description)
+DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
+    "distill": ("adadistill", "method: adadistill | arcdistill | cosdistill | gkd | feature_mse | none"),
+    "alpha": ("weighted", "AdaDistill EMA rate: weighted (the paper's alpha', default) | plain"),
+    "margin_scale": (64.0, "scale s of the margin softmax (ArcFace / CosFace)"),
+    "teacher_network": ("r50", "teacher backbone name (fork's backbones first, then the bundled ones)"),
+    "teacher_checkpoint": (None, "teacher backbone weights: arcface_torch backbone.pth / model.pt"),
+    "teacher_embedding_size": (512, "teacher embedding size"),
+    "teacher_classifier": (None, "teacher classifier: checkpoint_gpu_*.pt folder or [C, D] file "
+                                 "(fixed centers of arcdistill/cosdistill, optional initial "
+                                 "AdaDistill centers, GKD teacher logits)"),
+    "teacher_fp16": (True, "teacher forward under autocast (CUDA only)"),
+    "teacher_cache": (None, "folder of a teacher-embedding cache; None runs the teacher online"),
+    "teacher_cache_force": (False, "use the cache even with augmentation other than flip"),
+    "flip": (True, "random horizontal flip, the only augmentation (the cache relies on it)"),
+    "gkd_temperature": (4.0, "GKD temperature T"),
+    "gkd_alpha": (1.0, "GKD weight of Binary-KD"),
+    "gkd_beta": (8.0, "GKD weight of Primary-KD (8 with fixed k, 4 with adaptive tau)"),
+    "gkd_lamda": (0.0, "GKD weight of Secondary-KD (0: dropped, as in the paper)"),
+    "gkd_k": (10000, "GKD primary group size k (fixed-k version)"),
+    "gkd_tau": (None, "GKD adaptive primary group threshold (0.93 in the paper); None uses gkd_k"),
+    "gkd_rank_by": ("student", "GKD ranks classes by the student's (paper) or teacher's logits"),
+    "gkd_warmup_epochs": (10, "GKD linear KD warm-up: weight min(epoch / this, 1)"),
+    "nesterov": (False, "SGD with Nesterov momentum (the GKD recipe)"),
+    "lr_schedule": ("polynomial", "polynomial (arcface_torch, with warmup) | step | cosine"),
+    "lr_steps": ((8, 14, 20, 25), "epochs at which the step schedule multiplies lr by 0.1"),
+    "grad_clip": (5.0, "max gradient norm of the student; 0 disables clipping"),
+    "grad_reduction": ("exact", "exact: gradient of the global-batch mean loss on any world size; "
+                                "arcface_torch: DDP averages over ranks as upstream (gradient / W)"),
+    "save_every": (2000, "checkpoint every this many optimizer steps (and at each epoch end)"),
+    "keep_checkpoints": (2, "how many step checkpoints to keep"),
+    "max_nonfinite": (20, "stop after this many non-finite losses in a row (each one is skipped)"),
+    "max_steps": (None, "stop after this many optimizer steps (demos and tests); None: num_epoch"),
+    "skip_bad_records": (False, "skip undecodable records (counted and logged) instead of failing"),
+}
+
+# Keys that arcface_torch's job configs add to its base config.
+ARCFACE_JOB_KEYS = ("rec", "num_classes", "num_image", "num_epoch", "warmup_epoch", "val_targets")
+
+METHODS = ("adadistill", "arcdistill", "cosdistill", "gkd", "feature_mse", "none")
+
+# key -> accepted types, for the fields whose type errors would otherwise surface late.
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+_BOOL = (bool,)
+_OPT_STR = (str, type(None))
+_SEQ = (list, tuple)
+KEY_TYPES: Dict[str, tuple] = {
+    "num_classes": _INT, "num_image": _INT, "num_epoch": _INT, "warmup_epoch": _NUM,
+    "batch_size": _INT, "embedding_size": _INT, "lr": _NUM, "momentum": _NUM,
+    "weight_decay": _NUM, "sample_rate": _NUM, "fp16": _BOOL, "resume": _BOOL,
+    "gradient_acc": _INT, "seed": _INT, "num_workers": _INT, "frequent": _INT, "verbose": _INT,
+    "network": _STR, "optimizer": _STR, "rec": _STR, "output": _OPT_STR, "margin_list": _SEQ,
+    "val_targets": _SEQ,
+    "distill": _STR, "alpha": _STR, "margin_scale": _NUM, "teacher_network": _STR,
+    "teacher_checkpoint": _OPT_STR, "teacher_embedding_size": _INT,
+    "teacher_classifier": _OPT_STR, "teacher_fp16": _BOOL, "teacher_cache": _OPT_STR,
+    "teacher_cache_force": _BOOL, "flip": _BOOL, "gkd_temperature": _NUM, "gkd_alpha": _NUM,
+    "gkd_beta": _NUM, "gkd_lamda": _NUM, "gkd_k": _INT, "gkd_tau": (int, float, type(None)),
+    "gkd_rank_by": _STR, "gkd_warmup_epochs": _NUM, "lr_schedule": _STR, "lr_steps": _SEQ,
+    "grad_clip": _NUM, "nesterov": _BOOL, "grad_reduction": _STR, "save_every": _INT, "keep_checkpoints": _INT,
+    "max_nonfinite": _INT, "max_steps": (int, type(None)), "skip_bad_records": _BOOL,
+}
+
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    "distill": METHODS,
+    "alpha": ("weighted", "plain"),
+    "gkd_rank_by": ("student", "teacher"),
+    "lr_schedule": ("polynomial", "step", "cosine"),
+    "grad_reduction": ("exact", "arcface_torch"),
+    "optimizer": ("sgd", "adamw"),
+}
+
+
+def apply_distill_defaults(cfg: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Fill every distillation key the config does not set with its default (in place)."""
+    for key, (default, _) in DISTILL_DEFAULTS.items():
+        if key not in cfg:
+            cfg[key] = list(default) if isinstance(default, tuple) else default
+    return cfg
+
+
+def closest_key(key: str, known: Iterable[str]) -> str:
+    """The known key closest to ``key`` as a hint (``''`` when nothing is close)."""
+    match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return match[0] if match else ""
+
+
+def unknown_key_message(key: str, source: str, known: Iterable[str]) -> str:
+    hint = closest_key(key, known)
+    suggestion = f" -- did you mean '{hint}'?" if hint else ""
+    return (f"{source}: unknown config key '{key}'{suggestion} "
+            f"(valid keys are the ones of configs/base.py and plugins/config_defaults.py)")
+
+
+def check_types(cfg: Mapping[str, Any], source: str) -> None:
+    """Raise ValueError naming the key, its value and the expected type or choices."""
+    for key, types in KEY_TYPES.items():
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        # bool is an int subclass: an int field must not accept True/False
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " or ".join(t.__name__ for t in types)
+            raise ValueError(f"{source}: config key '{key}' must be {names}, "
+                             f"got {value!r} ({type(value).__name__})")
+    for key, choices in CHOICES.items():
+        if key in cfg and cfg[key] not in choices:
+            raise ValueError(f"{source}: config key '{key}' must be one of {list(choices)}, "
+                             f"got {cfg[key]!r}")

@@ -1,0 +1,57 @@
+"""Run a function on W real processes over gloo (loopback rendezvous) and collect the results.
+
+Usage in a test::
+
+    def _worker(rank, world, x):          # module-level, so it can be pickled for spawn
+        ...
+        return {"loss": loss.item(), "grad": grad}   # anything torch.save can store
+
+    results = run_distributed(_worker, world_size=2, args=(x,))   # list, one entry per rank
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from typing import Any, Callable, List, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, args: Sequence, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        torch.save({"ok": result}, os.path.join(out_dir, f"{rank}.pt"))
+    except BaseException:
+        torch.save({"error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt"))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence = ()) -> List[Any]:
+    """Spawn ``world_size`` gloo processes running ``fn(rank, world_size, *args)``; return their
+    results in rank order.  A failure on any rank raises with that rank's traceback."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_entry, args=(world_size, free_port(), fn, tuple(args), out_dir),
+                           nprocs=world_size, join=True, start_method="spawn")
+        results = []
+        for rank in range(world_size):
+            saved = torch.load(os.path.join(out_dir, f"{rank}.pt"), weights_only=False)
+            if "error" in saved:
+                raise RuntimeError(f"rank {rank} failed:\n{saved['error']}")
+            results.append(saved["ok"])
+        return results

@@ -1,0 +1,209 @@
+"""Atomic, resumable, world-size-portable training checkpoints.
+
+Layout below ``<output>/checkpoints/``::
+
+    step_000012345/
+        common.pt     rank 0: student backbone, epoch, step, samples consumed, scaler, config
+        rank_<r>.pt   every rank: head state (its class shard), optimizer state, RNG states
+        meta.json     written last: step, world size, file sizes
+
+Every rank writes into ``step_<n>.tmp/``; after a barrier rank 0 writes ``meta.json`` and renames
+the folder.  A job killed at any moment leaves either the previous checkpoints untouched or a
+``.tmp`` folder that is never loaded, so no checkpoint can load but be incomplete.  Loading takes
+the newest checkpoint whose files are all present and load (``weights_only=True``), and falls back
+to older ones with a warning.  A checkpoint of W ranks resumes on W' ranks: class-sharded head
+state and its optimizer moments are joined and re-split by the Partial FC rule.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from plugins.distributed import rank_and_world
+from plugins.sharded_state import reshard_state
+
+LOG = logging.getLogger(__name__)
+_STEP_DIR = re.compile(r"^step_(\d{9})$")
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary name in the same folder, then rename over ``path``."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) RNG states, in types ``weights_only`` loads."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "python": (py_version, list(py_internal), py_gauss),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _head_param_names(head: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[int, str]:
+    """Optimizer state index -> head parameter name, for the head's parameters."""
+    index_of = {}
+    index = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            index_of[id(param)] = index
+            index += 1
+    return {index_of[id(p)]: name for name, p in head.named_parameters() if id(p) in index_of}
+
+
+class CheckpointManager:
+    """Saves and restores the complete training state of every rank.
+
+    Args:
+        output: the run's output folder.
+        keep: how many checkpoints to keep (older ones are deleted after a successful save).
+    """
+
+    def __init__(self, output: str, keep: int = 2) -> None:
+        self.root = os.path.join(output, "checkpoints")
+        self.keep = max(int(keep), 1)
+
+    # ----------------------------------------------------------------------------- saving
+    def save(self, step: int, common: Dict[str, Any], head: torch.nn.Module,
+             optimizer: torch.optim.Optimizer) -> str:
+        """Write checkpoint ``step`` collectively (every rank must call it)."""
+        rank, world = rank_and_world()
+        final = os.path.join(self.root, f"step_{step:09d}")
+        tmp = final + ".tmp"
+        if rank == 0:
+            os.makedirs(self.root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier()
+        per_rank = {"rank": rank, "world_size": world, "head": head.state_dict(),
+                    "optimizer": optimizer.state_dict(), "rng": rng_state()}
+        atomic_torch_save(per_rank, os.path.join(tmp, f"rank_{rank}.pt"))
+        if rank == 0:
+            atomic_torch_save(dict(common, world_size=world), os.path.join(tmp, "common.pt"))
+        _barrier()
+        if rank == 0:
+            files = {name: os.path.getsize(os.path.join(tmp, name)) for name in os.listdir(tmp)}
+            meta = {"step": step, "world_size": world, "files": files}
+            with open(os.path.join(tmp, "meta.json"), "w") as handle:
+                json.dump(meta, handle, indent=1)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        for path in self.list()[self.keep:]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------- loading
+    def list(self) -> List[str]:
+        """Complete-looking checkpoint folders, newest first."""
+        if not os.path.isdir(self.root):
+            return []
+        names = sorted((n for n in os.listdir(self.root) if _STEP_DIR.match(n)), reverse=True)
+        return [os.path.join(self.root, n) for n in names]
+
+    @staticmethod
+    def _read(path: str, rank: int, world: int) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+        """Load and check one checkpoint folder; raise ValueError describing what is wrong."""
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise ValueError(f"{path}: no meta.json (interrupted save)")
+        with open(meta_path) as handle:
+            meta = json.load(handle)
+        for name, size in meta["files"].items():
+            file_path = os.path.join(path, name)
+            if not os.path.isfile(file_path) or os.path.getsize(file_path) != size:
+                raise ValueError(f"{file_path}: missing or not {size} bytes as meta.json says")
+        common = torch.load(os.path.join(path, "common.pt"), map_location="cpu",
+                            weights_only=True)
+        saved_world = meta["world_size"]
+        wanted = [rank] if saved_world == world else list(range(saved_world))
+        shards = [torch.load(os.path.join(path, f"rank_{r}.pt"), map_location="cpu",
+                             weights_only=True) for r in wanted]
+        return dict(common, saved_world_size=saved_world), shards
+
+    def load_latest(self) -> Optional[Tuple[str, Dict[str, Any], List[Dict[str, Any]]]]:
+        """The newest checkpoint that loads completely, or None.  Corrupt ones are skipped with a
+        warning naming them."""
+        rank, world = rank_and_world()
+        for path in self.list():
+            try:
+                common, shards = self._read(path, rank, world)
+            except (ValueError, OSError, RuntimeError, KeyError, EOFError,
+                    pickle.UnpicklingError) as err:
+                LOG.warning("checkpoint %s is unusable (%s); trying the one before", path, err)
+                continue
+            return path, common, shards
+        return None
+
+    @staticmethod
+    def restore(common: Dict[str, Any], shards: List[Dict[str, Any]], head: torch.nn.Module,
+                optimizer: torch.optim.Optimizer) -> None:
+        """Load head, optimizer and RNG state for this rank, re-splitting class shards when the
+        checkpoint was written by another world size."""
+        rank, world = rank_and_world()
+        keys = tuple(getattr(head, "sharded_keys", ()))
+        if common["saved_world_size"] == world:
+            own = shards[0]
+            head.load_state_dict(own["head"])
+            optimizer.load_state_dict(own["optimizer"])
+            set_rng_state(own["rng"])
+            return
+        num_classes = head.num_classes
+        source = f"checkpoint of {common['saved_world_size']} ranks"
+        head.load_state_dict(reshard_state([s["head"] for s in shards], keys, num_classes,
+                                           rank, world, source))
+        optim_state = shards[0]["optimizer"]
+        names = _head_param_names(head, optimizer)
+        for index, name in names.items():
+            if name not in keys or index not in optim_state["state"]:
+                continue
+            per_rank = [s["optimizer"]["state"][index] for s in shards]
+            moments = [k for k, v in per_rank[0].items() if torch.is_tensor(v) and v.dim() > 0]
+            resplit = reshard_state(per_rank, moments, num_classes, rank, world, source)
+            optim_state["state"][index] = resplit
+        optimizer.load_state_dict(optim_state)
+        # RNG streams cannot be mapped between world sizes: derive fresh ones per rank.
+        torch.manual_seed(int(common["global_step"]) * 1000 + rank)
+        np.random.seed((int(common["global_step"]) * 1000 + rank) % 2**32)
+        random.seed(int(common["global_step"]) * 1000 + rank)

@@ -1,0 +1,28 @@
+"""CPU demo, step 3: the student (tiny_s) distilled from the demo teacher with AdaDistill
+(CosFace margin, weighted alpha'), same data, schedule and steps as demo_student."""
+from easydict import EasyDict as edict
+
+config = edict()
+config.distill = "adadistill"
+config.alpha = "weighted"
+config.network = "tiny_s"
+config.teacher_network = "tiny_t"
+config.teacher_checkpoint = "work_dirs/demo/teacher/model.pt"
+config.margin_list = (1.0, 0.0, 0.35)
+config.margin_scale = 32.0
+config.output = "work_dirs/demo/adadistill"
+config.rec = "work_dirs/demo/data"
+config.num_classes = 200
+config.num_image = 6000
+config.num_epoch = 4
+config.batch_size = 64
+config.lr = 0.1
+config.lr_schedule = "cosine"
+config.warmup_epoch = 0
+config.weight_decay = 5e-4
+config.num_workers = 1
+config.val_targets = ["lfw"]
+config.verbose = 10 ** 9
+config.frequent = 20
+config.save_every = 10 ** 9
+config.seed = 0

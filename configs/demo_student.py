@@ -1,0 +1,24 @@
+"""CPU demo, step 2: the student (tiny_s) trained alone, the baseline (see host/demo.py)."""
+from easydict import EasyDict as edict
+
+config = edict()
+config.distill = "none"
+config.network = "tiny_s"
+config.margin_list = (1.0, 0.0, 0.35)
+config.margin_scale = 32.0
+config.output = "work_dirs/demo/student"
+config.rec = "work_dirs/demo/data"
+config.num_classes = 200
+config.num_image = 6000
+config.num_epoch = 4
+config.batch_size = 64
+config.lr = 0.1
+config.lr_schedule = "cosine"
+config.warmup_epoch = 0
+config.weight_decay = 5e-4
+config.num_workers = 1
+config.val_targets = ["lfw"]
+config.verbose = 10 ** 9
+config.frequent = 20
+config.save_every = 10 ** 9
+config.seed = 0

@@ -1,0 +1,129 @@
+"""Build the pieces a distillation run needs from a config: the loss head and the teacher source.
+
+Used by train_distill.py and by a fork's patched train_v2.py (patches/), so both build exactly the
+same objects from the same keys.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+
+NEEDS_TEACHER = ("adadistill", "arcdistill", "cosdistill", "gkd", "feature_mse")
+
+
+def margin_from_list(margin_list, source: str = "margin_list") -> Tuple[str, float]:
+    """arcface_torch's combined margin (m1, m2, m3) -> ("arcface", m2) or ("cosface", m3)."""
+    if len(margin_list) != 3:
+        raise ValueError(f"{source} must be (m1, m2, m3), got {margin_list!r}")
+    m1, m2, m3 = (float(v) for v in margin_list)
+    if m1 != 1.0 or (m2 > 0 and m3 > 0) or (m2 <= 0 and m3 <= 0):
+        raise ValueError(f"{source} = {tuple(margin_list)}: distillation heads support ArcFace "
+                         f"(1.0, m, 0.0) or CosFace (1.0, 0.0, m) only")
+    return ("arcface", m2) if m2 > 0 else ("cosface", m3)
+
+
+def check_config(cfg) -> None:
+    """Start-up checks that would otherwise fail mid-run, each naming the config key."""
+    for key, ok in (("dali", False), ("using_wandb", False)):
+        if cfg.get(key, ok) != ok:
+            raise ValueError(f"config key '{key}' = {cfg[key]!r} is not supported; set it to {ok}")
+    if cfg.get("interclass_filtering_threshold", 0) not in (0, 0.0):
+        raise ValueError("config key 'interclass_filtering_threshold' must be 0 (not supported)")
+    method = cfg.distill
+    if method in ("adadistill", "arcdistill", "cosdistill", "feature_mse") and \
+            cfg.teacher_embedding_size != cfg.embedding_size:
+        raise ValueError(f"distill='{method}' compares student and teacher embeddings, so "
+                         f"embedding_size ({cfg.embedding_size}) must equal "
+                         f"teacher_embedding_size ({cfg.teacher_embedding_size})")
+    if method in ("arcdistill", "cosdistill", "gkd") and not cfg.teacher_classifier \
+            and not (method == "gkd" and cfg.teacher_cache):
+        raise ValueError(f"distill='{method}' needs the teacher's classifier: set config key "
+                         f"'teacher_classifier' to a checkpoint_gpu_*.pt folder or a [C, D] file"
+                         + (" (or set teacher_cache to use class means)" if method == "gkd" else ""))
+    if method in NEEDS_TEACHER and not cfg.teacher_cache:
+        path = cfg.teacher_checkpoint
+        if not path or not os.path.isfile(path):
+            raise FileNotFoundError(f"config key 'teacher_checkpoint' = {path!r}: file not found; "
+                                    f"point it at the teacher's backbone.pth / model.pt "
+                                    f"(or set teacher_cache to a built teacher-embedding cache)")
+    margin_from_list(cfg.margin_list)
+
+
+def build_head(cfg, teacher_classifier: Optional[torch.Tensor] = None) -> nn.Module:
+    """The loss head of ``cfg.distill``; ``teacher_classifier`` [C, D_t] overrides loading it
+    from ``cfg.teacher_classifier`` (e.g. class means computed from the teacher cache)."""
+    from plugins.adadistill import AdaDistillHead
+    from plugins.classifier_io import load_teacher_classifier
+    from plugins.margin_head import MarginSoftmaxHead
+
+    method = cfg.distill
+    kind, m = margin_from_list(cfg.margin_list)
+    s = float(cfg.margin_scale)
+
+    def classifier(dim: int) -> Optional[torch.Tensor]:
+        if teacher_classifier is not None:
+            return teacher_classifier
+        if cfg.teacher_classifier:
+            return load_teacher_classifier(cfg.teacher_classifier, cfg.num_classes, dim)
+        return None
+
+    if method in ("adadistill", "arcdistill", "cosdistill"):
+        if method != "adadistill" and kind != method.replace("distill", "face"):
+            raise ValueError(f"distill='{method}' needs a {method[:3]}face margin_list, "
+                             f"got {tuple(cfg.margin_list)}")
+        alpha = cfg.alpha if method == "adadistill" else "fixed"
+        head = AdaDistillHead(cfg.embedding_size, cfg.num_classes, margin=kind, s=s, m=m,
+                              alpha=alpha, sample_rate=cfg.sample_rate)
+        table = classifier(cfg.embedding_size)
+        if table is not None:
+            head.load_full_centers(table)
+        return head
+    if method == "gkd":
+        from plugins.gkd import GKDHead
+        table = classifier(cfg.teacher_embedding_size)
+        return GKDHead(cfg.embedding_size, cfg.num_classes, table, s=s, m=m,
+                       temperature=cfg.gkd_temperature, alpha=cfg.gkd_alpha, beta=cfg.gkd_beta,
+                       lamda=cfg.gkd_lamda, k=cfg.gkd_k, tau=cfg.gkd_tau,
+                       rank_by=cfg.gkd_rank_by, warmup_epochs=cfg.gkd_warmup_epochs,
+                       sample_rate=cfg.sample_rate,
+                       teacher_embedding_size=cfg.teacher_embedding_size)
+    margin_head = MarginSoftmaxHead(cfg.embedding_size, cfg.num_classes, margin=kind, s=s, m=m,
+                                    sample_rate=cfg.sample_rate)
+    if method == "none":
+        return margin_head
+    from plugins.composite import MarginWithFeatureKD
+    from plugins.feature_kd import FeatureMSEHead
+    return MarginWithFeatureKD(margin_head, FeatureMSEHead(), cfg.feature_kd_weight)
+
+
+def head_loss(head: nn.Module, method: str, student: torch.Tensor,
+              teacher: Optional[torch.Tensor], labels: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Call ``head`` with the arguments its method takes (local batch tensors)."""
+    if method == "none":
+        return head(student, labels)
+    if method == "gkd":
+        return head(student, teacher, labels, epoch)
+    return head(student, teacher, labels)
+
+
+def build_teacher_source(cfg, dataset_root: Optional[str] = None, device=None):
+    """The teacher-embedding source of a run, or None when the method needs no teacher.
+
+    Both sources answer ``teacher_embeddings(images [B,3,112,112], index [B], flipped [B])`` with
+    fp32 embeddings [B, D_t]: the cache looks them up, the hook runs the frozen teacher."""
+    if cfg.distill not in NEEDS_TEACHER:
+        return None
+    if cfg.teacher_cache:
+        from plugins.teacher_cache import TeacherEmbeddingCache
+        from host.teacher_cache_build import expected_meta
+        return TeacherEmbeddingCache(cfg.teacher_cache, expect=expected_meta(cfg),
+                                     force=cfg.teacher_cache_force)
+    from plugins.teacher import build_teacher
+    return build_teacher(cfg.teacher_network, cfg.teacher_checkpoint,
+                         embedding_size=cfg.teacher_embedding_size, device=device,
+                         fp16=cfg.teacher_fp16)
+

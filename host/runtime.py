@@ -1,0 +1,68 @@
+"""Process-level set-up of a run: the process group (torchrun or a single process), the device,
+seeds, and arcface_torch-style logging."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from typing import Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def init_distributed() -> Tuple[int, int, int, torch.device]:
+    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU), or run alone.
+
+    Returns ``(rank, world_size, local_rank, device)``."""
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return rank, world, local_rank, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_logging(output: str, rank: int) -> logging.Logger:
+    """Rank 0 logs to stdout and ``output/training.log`` in arcface_torch's format
+    (``Training: %(asctime)s-%(message)s``); other ranks log warnings only."""
+    logger = logging.getLogger()
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    formatter = logging.Formatter("Training: %(asctime)s-%(message)s")
+    if rank == 0:
+        os.makedirs(output, exist_ok=True)
+        handlers = [logging.FileHandler(os.path.join(output, "training.log")),
+                    logging.StreamHandler(sys.stdout)]
+        logger.setLevel(logging.INFO)
+    else:
+        handlers = [logging.StreamHandler(sys.stderr)]
+        logger.setLevel(logging.WARNING)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return logger
+
+
+def exact_gradient_hook(state, bucket):
+    """DDP communication hook that SUMS gradients over ranks instead of averaging them.
+
+    The heads already give every rank the exact gradient of the global-batch mean loss for its
+    own samples, so the sum is that loss's gradient on any world size (``grad_reduction="exact"``).
+    """
+    future = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return future.then(lambda fut: fut.value()[0])

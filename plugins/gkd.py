@@ -1,0 +1,511 @@
+r"""GKD: Grouped Knowledge Distillation (Zhao et al., AAAI 2023, arXiv 2304.04462), class-sharded.
+
+For one sample with student logits :math:`z^S`, teacher logits :math:`z^T` (both CosFace margin
+logits) and temperature :math:`T`, let :math:`p = \mathrm{softmax}(z / T)` over the classes.  The
+classes split into a *primary* group :math:`P` (the target class and the classes ranked highest)
+and the *secondary* group :math:`S` (the rest).  With group masses
+:math:`p(G) = \sum_{c \in G} p_c` and the distributions renormalised inside a group,
+:math:`\tilde p^G_c = p_c / p(G)`:
+
+.. math::
+
+    \mathcal{L}_{bin} &= T^2 \sum_{G \in \{P, S\}} p^T(G) \log \frac{p^T(G)}{p^S(G)}
+
+    \mathcal{L}_{P} &= T^2 \sum_{c \in P} \tilde p^{T,P}_c \log \frac{\tilde p^{T,P}_c}
+                                                                   {\tilde p^{S,P}_c}
+    \qquad \mathcal{L}_{S} = \text{the same over } S
+
+    \mathcal{L}_{GKD} &= \alpha \mathcal{L}_{bin} + \beta \mathcal{L}_{P} + \lambda \mathcal{L}_{S}
+
+each averaged over the batch.  The parts decompose the full distillation term exactly:
+
+.. math::
+
+    \mathrm{KL}(p^T \,\|\, p^S) = \mathrm{KL}_{bin} + p^T(P)\,\mathrm{KL}_P + p^T(S)\,\mathrm{KL}_S
+
+Primary group (as the official training script does it): the target class plus the ``k - 1``
+highest *non-target* classes of each sample, ranked by the student's logits (``rank_by="student"``)
+or the teacher's; so ``|P| = k`` (``k`` is capped at the class count).  Ties at the boundary:
+every non-target class whose ranking logit is ``>=`` the ``(k-1)``-th largest non-target ranking
+logit is primary, so exact ties can make ``P`` larger than ``k`` (never smaller).
+
+Adaptive ``k`` (``tau`` set; the ``k`` argument is then not used): sum the softmax (temperature 1)
+of the ranking logits over the batch, sort the classes by that mass, and take the smallest
+``k`` in ``1, 1 + k_step, 1 + 2 k_step, ...`` (``k_step = 100`` officially) whose top-``k`` mass
+reaches ``tau * batch_size``, or ``k = C`` (all classes) when no candidate below ``C`` does
+(the official loop has no such fallback).  That one ``k`` then
+defines every sample's own top-``k`` group as above.
+
+Numerics: every log-sum-exp is taken over its own group with its own maximum, masked entries are
+``-inf`` through ``torch.where`` (no ``-1000`` offsets), and an empty group contributes exactly
+zero (e.g. ``k >= C`` leaves ``S`` empty), so huge logit gaps give neither NaN nor inf in the
+loss or its gradient.
+
+Sharded computation (``GKDHead``): rank ``r`` holds the logits of its classes only
+(``[N, C / W]`` for the global batch of ``N``).  Group maxima are all-reduced (max), group sums
+with ``all_reduce_sum_with_grad`` (identity backward, so gradients are exact), and each sample's
+``(k-1)``-th largest ranking logit is found by bisection on the order-preserving integer key of
+its float bit pattern with all-reduced counts (exact, at most 32 rounds in float32 and 64 in
+float64, each moving ``[N]`` integers).  No rank ever holds a full logit row.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plugins.distributed import (all_gather_no_grad, all_gather_with_grad, all_reduce,
+                                 all_reduce_sum_with_grad, rank_and_world, shard_range)
+
+RANKINGS = ("student", "teacher")
+
+
+class GKDParts(NamedTuple):
+    """What ``grouped_kd_loss`` returns: scalar tensors (batch means) and the ``k`` used.
+
+    ``total = alpha * binary + beta * primary + lamda * secondary``; every part already carries
+    the ``T^2`` factor.  ``k_used`` is the primary-group size before ties (after the class-count
+    cap, or as chosen by the adaptive rule).
+    """
+    total: torch.Tensor
+    binary: torch.Tensor
+    primary: torch.Tensor
+    secondary: torch.Tensor
+    k_used: int
+
+
+class _Local:
+    """Reductions over the class axis when one process holds every class (all no-ops)."""
+
+    distributed = False
+
+    def sum_with_grad(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def min(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+class _Sharded(_Local):
+    """Reductions over the class axis when every rank holds a slice of the classes."""
+
+    distributed = True
+
+    def sum_with_grad(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum_with_grad(t)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce(t.detach().clone(), "sum")
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce(t.detach().clone(), "max")
+
+    def min(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce(t.detach().clone(), "min")
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return all_gather_no_grad(t)
+
+
+def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row-wise max of ``x [N, L]`` over ``mask``; ``-inf`` for an empty row (also when L = 0)."""
+    if x.shape[1] == 0:
+        return x.new_full((x.shape[0],), -math.inf)
+    return torch.where(mask, x, -math.inf).amax(dim=1)
+
+
+def _order_keys(x: torch.Tensor) -> torch.Tensor:
+    """Integers ordered like the floats ``x`` (float32 -> int32, float64 -> int64; -0 == +0)."""
+    x = x.detach() + 0.0  # -0.0 + 0.0 == +0.0, so the two zeros share one key
+    if x.dtype == torch.float64:
+        bits, flip = x.view(torch.int64), 0x7FFF_FFFF_FFFF_FFFF
+    else:
+        bits, flip = x.float().view(torch.int32), 0x7FFF_FFFF
+    return torch.where(bits < 0, bits ^ flip, bits)
+
+
+def _kth_largest_key(keys: torch.Tensor, m: int, reduce: _Local) -> torch.Tensor:
+    """Key of the ``m``-th largest entry of each row of the (sharded) key matrix ``[N, L]``.
+
+    Bisection on the key value: the answer is the largest ``t`` with ``#{key >= t} >= m``, counts
+    summed over ranks.  ``lo``/``hi`` are identical on every rank, so every rank runs the same
+    number of rounds.  Returns ``[N]`` int64.
+    """
+    n = keys.shape[0]
+    big = torch.iinfo(keys.dtype)
+    if keys.shape[1] == 0:
+        local_lo, local_hi = keys.new_full((n,), big.max), keys.new_full((n,), big.min)
+    else:
+        local_lo, local_hi = keys.amin(dim=1), keys.amax(dim=1)
+    lo = reduce.min(local_lo.long())             # count(key >= lo) = all classes >= m
+    hi = reduce.max(local_hi.long()) + 1         # count(key >= hi) = 0 < m
+    while bool((hi > lo + 1).any()):
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+        count = reduce.sum((keys >= mid.to(keys.dtype)[:, None]).sum(dim=1))
+        take = count >= m
+        lo, hi = torch.where(take, mid, lo), torch.where(take, hi, mid)
+    return lo
+
+
+def _primary_mask(rank_logits: torch.Tensor, target: torch.Tensor, k: int, num_classes: int,
+                  reduce: _Local) -> torch.Tensor:
+    """Bool ``[N, L]``: target class, plus non-target classes ranked within the top ``k - 1``."""
+    m = k - 1
+    if m <= 0:
+        return target
+    if m >= num_classes - 1:
+        return torch.ones_like(target)
+    non_target = torch.where(target, -math.inf, rank_logits.detach())
+    if reduce.distributed:
+        keys = _order_keys(non_target)
+        threshold = _kth_largest_key(keys, m, reduce)
+        return target | (keys >= threshold.to(keys.dtype)[:, None])
+    threshold = non_target.topk(m, dim=1).values[:, -1:]
+    return target | (non_target >= threshold)
+
+
+@torch.no_grad()
+def _adaptive_k(rank_logits: torch.Tensor, tau: float, k_step: int, num_classes: int,
+                reduce: _Local) -> int:
+    """Smallest ``k`` in ``1, 1 + k_step, ...`` below ``num_classes`` whose top-``k`` batch-summed
+    softmax mass (temperature 1) reaches ``tau * N``; ``num_classes`` if none does."""
+    n, width = rank_logits.shape
+    x = rank_logits.double()
+    row_max = reduce.max(_masked_max(x, torch.ones_like(x, dtype=torch.bool)))
+    row_sum = reduce.sum(torch.exp(x - row_max[:, None]).sum(dim=1))
+    mass = torch.exp(x - row_max[:, None] - row_sum.log()[:, None]).sum(dim=0)   # [L]
+    if reduce.distributed:  # pad to a common width with zero mass, gather [W * max L]
+        max_width = int(reduce.max(torch.tensor([width], device=x.device)).item())
+        mass = reduce.gather(F.pad(mass, (0, max_width - width)))
+    cumulative = mass.sort(descending=True).values.cumsum(dim=0)
+    candidates = torch.arange(1, num_classes, k_step, device=x.device)
+    reached = torch.nonzero(cumulative[candidates - 1] >= tau * n).flatten()
+    return int(candidates[reached[0]]) if reached.numel() else num_classes
+
+
+def _group_kd(student: torch.Tensor, teacher: torch.Tensor, primary: torch.Tensor,
+              temperature: float, reduce: _Local) -> Tuple[torch.Tensor, ...]:
+    """Per-sample ``(binary, KL_P, KL_S)``, each ``[N]`` and without the ``T^2`` factor."""
+    a, b = teacher.detach() / temperature, student / temperature
+    groups = (primary, ~primary)
+    maxima = reduce.max(torch.stack(
+        [_masked_max(x, g) for g in groups for x in (a, b.detach())], dim=1))   # [N, 4]
+    counts = reduce.sum(torch.stack([g.sum(dim=1) for g in groups], dim=1))     # [N, 2]
+    shift = maxima.nan_to_num(neginf=0.0)   # an empty group's shift is never used
+    # one exponential per logit, shifted by the maximum of its own group (so <= 1): [N, L] each
+    e_a = torch.exp(a - torch.where(primary, shift[:, 0:1], shift[:, 2:3]))
+    e_b = torch.exp(b - torch.where(primary, shift[:, 1:2], shift[:, 3:4]))
+    weighted = e_a * (a - b)
+    sums = [torch.where(g, x, 0.0).sum(dim=1) for g in groups for x in (e_a, e_b, weighted)]
+    sums = reduce.sum_with_grad(torch.stack(sums, dim=1))                     # [N, 6]
+
+    log_t, log_s, kl_within = [], [], []
+    for i in range(2):
+        present = counts[:, i] > 0
+        m_a, m_b = shift[:, 2 * i], shift[:, 2 * i + 1]
+        s_a, s_b, u = (torch.where(present, sums[:, 3 * i + j], 1.0) for j in (0, 1, 2))
+        lse_a, lse_b = m_a + s_a.log(), m_b + s_b.log()            # log-sum-exp of the group
+        kl_within.append(torch.where(present, u / s_a - lse_a + lse_b, 0.0))
+        log_t.append(torch.where(present, lse_a, -math.inf))
+        log_s.append(torch.where(present, lse_b, -math.inf))
+    total_t = torch.logaddexp(*log_t)
+    total_s = torch.logaddexp(*log_s)
+    binary = 0.0
+    for i in range(2):
+        present = counts[:, i] > 0
+        lt, ls = (torch.where(present, v[i] - tot, 0.0)
+                  for v, tot in ((log_t, total_t), (log_s, total_s)))
+        binary = binary + torch.where(present, lt.exp() * (lt - ls), 0.0)
+    return binary, kl_within[0], kl_within[1]
+
+
+def _check_options(temperature: float, k: int, tau: Optional[float], rank_by: str,
+                   k_step: int) -> None:
+    if temperature <= 0:
+        raise ValueError(f"GKD temperature must be > 0, got {temperature}")
+    if k < 1:
+        raise ValueError(f"GKD k (primary-group size) must be >= 1, got {k}")
+    if tau is not None and not 0.0 < tau <= 1.0:
+        raise ValueError(f"GKD tau (adaptive mass) must lie in (0, 1] or be None, got {tau}")
+    if rank_by not in RANKINGS:
+        raise ValueError(f"GKD rank_by must be one of {RANKINGS}, got {rank_by!r}")
+    if k_step < 1:
+        raise ValueError(f"GKD k_step must be >= 1, got {k_step}")
+
+
+def _gkd_parts(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
+               num_classes: int, temperature: float, alpha: float, beta: float, lamda: float,
+               k: int, tau: Optional[float], rank_by: str, k_step: int,
+               reduce: _Local) -> GKDParts:
+    """Shared core: logits ``[N, L]`` of this process's classes, ``target`` bool ``[N, L]``."""
+    rank_logits = (student if rank_by == "student" else teacher).detach()
+    if tau is not None:
+        k = _adaptive_k(rank_logits, tau, k_step, num_classes, reduce)
+    k = min(k, num_classes)
+    primary = _primary_mask(rank_logits, target, k, num_classes, reduce)
+    binary, kl_p, kl_s = _group_kd(student, teacher, primary, temperature, reduce)
+    scale = temperature ** 2
+    binary, kl_p, kl_s = (scale * v.mean() for v in (binary, kl_p, kl_s))
+    return GKDParts(alpha * binary + beta * kl_p + lamda * kl_s, binary, kl_p, kl_s, k)
+
+
+def grouped_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    labels: torch.Tensor, temperature: float = 4.0, alpha: float = 1.0,
+                    beta: float = 8.0, lamda: float = 0.0, k: int = 10000,
+                    tau: Optional[float] = None, rank_by: str = "student",
+                    k_step: int = 100) -> GKDParts:
+    r"""GKD loss of full logit rows on one process (see the module docstring for the equations).
+
+    Args:
+        student_logits: ``[N, C]`` student (margin) logits; gradients flow into them.
+        teacher_logits: ``[N, C]`` teacher (margin) logits; treated as constants.
+        labels: ``[N]`` target classes in ``[0, C)``; always in the primary group.
+        temperature: ``T`` of the softened distributions; the parts carry ``T^2``.
+        alpha, beta, lamda: weights of the binary, primary and secondary terms.
+        k: primary-group size including the target (capped at ``C``); unused when ``tau`` is set.
+        tau: adaptive mass fraction (0.93 in the paper), or None for the fixed ``k``.
+        rank_by: ``"student"`` (official script) or ``"teacher"``: whose logits rank the classes.
+        k_step: step of the adaptive search over ``k`` (100 officially).
+
+    Returns:
+        ``GKDParts(total, binary, primary, secondary, k_used)``; ``total`` is the scalar
+        :math:`\mathcal{L}_{GKD}` to add to the classification loss.
+    """
+    _check_options(temperature, k, tau, rank_by, k_step)
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"grouped_kd_loss: student and teacher logits must both be [N, C], got "
+                         f"{list(student_logits.shape)} and {list(teacher_logits.shape)}")
+    n, num_classes = student_logits.shape
+    if labels.shape != (n,):
+        raise ValueError(f"grouped_kd_loss: labels must be [{n}], got {list(labels.shape)}")
+    if n > 0 and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"grouped_kd_loss: labels must lie in [0, {num_classes}), found "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    target = F.one_hot(labels.long(), num_classes).bool()
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    return _gkd_parts(student_logits.to(dtype), teacher_logits.to(dtype), target, num_classes,
+                      temperature, alpha, beta, lamda, k, tau, rank_by, k_step, _Local())
+
+
+def kd_warmup_weight(epoch: float, warmup_epochs: int) -> float:
+    """``min(epoch / warmup_epochs, 1)`` (epochs counted from 0); 1 when ``warmup_epochs == 0``."""
+    return 1.0 if warmup_epochs == 0 else min(epoch / warmup_epochs, 1.0)
+
+
+class GKDHead(nn.Module):
+    r"""Student CosFace classifier shard + frozen teacher classifier shard + GKD, Partial FC style.
+
+    .. math::
+
+        \mathcal{L} = \mathrm{CE}(z^S, y) + \min(e / e_w, 1)\, \mathcal{L}_{GKD}(z^S, z^T, y),
+        \qquad z = s\,(\cos\theta - m\,\mathbb{1}[c = y])
+
+    for epoch :math:`e` (counted from 0) and ``warmup_epochs`` :math:`e_w` (0: weight 1 at once).
+    Both classifiers produce CosFace margin logits, as the official code does; the teacher's is a
+    frozen buffer.  Rank ``r`` owns classes ``[class_start, class_start + num_local)`` of both
+    (``plugins.distributed.shard_range``); embeddings and labels are all-gathered, and the
+    softmax normalisers, group sums and per-sample top-``k`` boundaries are reduced across ranks
+    (see the module docstring), so the loss and its gradients equal those of one process holding
+    every class, and no rank holds more than ``[N, C / W]`` logits.
+
+    With ``sample_rate < 1`` each rank keeps its positive classes plus random negatives (up to
+    ``int(sample_rate * num_local)`` classes, arcface_torch's rule), the same classes for the
+    student and the teacher logits: cross entropy, the softmax, the ranking and the groups are
+    then all taken over the kept classes only (``k`` is capped at their number).
+
+    Args:
+        embedding_size: student embedding dimension ``D_s``.
+        num_classes: number of classes ``C`` (all ranks).
+        teacher_weight: the teacher's classifier ``[C, D_t]`` (the full table; this rank keeps its
+            rows).  Rows need not be normalised.  For a teacher saved without classifier use
+            ``plugins.class_means.ClassMeanAccumulator``.
+        s: CosFace scale.
+        m: CosFace margin, applied to both the student and the teacher logits.
+        temperature, alpha, beta, lamda, k, tau, rank_by, k_step: as in ``grouped_kd_loss``.
+        warmup_epochs: epochs of the linear KD warm-up (10 officially).
+        sample_rate: fraction of each rank's classes kept per step (Partial FC), in (0, 1].
+        teacher_embedding_size: ``D_t``; checked against ``teacher_weight`` when given.
+
+    Attributes:
+        num_classes, class_start, num_local; ``sharded_keys = ("weight", "teacher_weight")``;
+        ``stats``: detached scalars ce, kd, binary, primary, secondary, kd_weight, k;
+        ``sampled_index``: local class indices kept in the last step (None when sample_rate = 1).
+    """
+
+    sharded_keys = ("weight", "teacher_weight")
+
+    def __init__(self,
+                 embedding_size: int,
+                 num_classes: int,
+                 teacher_weight: torch.Tensor,
+                 s: float = 64.0,
+                 m: float = 0.4,
+                 temperature: float = 4.0,
+                 alpha: float = 1.0,
+                 beta: float = 8.0,
+                 lamda: float = 0.0,
+                 k: int = 10000,
+                 tau: Optional[float] = None,
+                 rank_by: str = "student",
+                 warmup_epochs: int = 10,
+                 sample_rate: float = 1.0,
+                 teacher_embedding_size: Optional[int] = None,
+                 k_step: int = 100) -> None:
+        super().__init__()
+        _check_options(temperature, k, tau, rank_by, k_step)
+        if embedding_size < 1 or num_classes < 1:
+            raise ValueError(f"GKDHead needs embedding_size >= 1 and num_classes >= 1, got "
+                             f"{embedding_size} and {num_classes}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"GKDHead sample_rate must lie in (0, 1], got {sample_rate}")
+        if warmup_epochs < 0:
+            raise ValueError(f"GKDHead warmup_epochs must be >= 0, got {warmup_epochs}")
+        if not isinstance(teacher_weight, torch.Tensor):
+            raise ValueError(f"GKDHead teacher_weight must be the teacher's classifier tensor "
+                             f"[num_classes, D_t], got {type(teacher_weight).__name__}; load it "
+                             f"from the teacher checkpoint or build it with "
+                             f"plugins.class_means.ClassMeanAccumulator")
+        found = tuple(teacher_weight.shape)
+        width = teacher_embedding_size if teacher_embedding_size is not None else (
+            found[1] if len(found) == 2 else "D_t")
+        if len(found) != 2 or found != (num_classes, width):
+            raise ValueError(f"GKDHead teacher_weight: expected shape [num_classes, D_t] = "
+                             f"[{num_classes}, {width}], found {list(found)}; pass the teacher's "
+                             f"full classifier (all classes, one row per class)")
+        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.teacher_embedding_size = found[1]
+        self.s, self.m, self.temperature = s, m, temperature
+        self.alpha, self.beta, self.lamda = alpha, beta, lamda
+        self.k, self.tau, self.rank_by, self.k_step = k, tau, rank_by, k_step
+        self.warmup_epochs, self.sample_rate = warmup_epochs, sample_rate
+        rank, world = rank_and_world()
+        self.class_start, self.num_local = shard_range(num_classes, rank, world)
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
+        rows = teacher_weight.detach()[self.class_start:self.class_start + self.num_local]
+        keep = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        self.register_buffer("teacher_weight", rows.to(keep).clone())
+        self.stats: dict = {}
+        self.sampled_index: Optional[torch.Tensor] = None
+
+    def extra_repr(self) -> str:
+        return (f"classes={self.class_start}..{self.class_start + self.num_local - 1} of "
+                f"{self.num_classes}, D_s={self.embedding_size}, D_t={self.teacher_embedding_size},"
+                f" s={self.s}, m={self.m}, T={self.temperature}, alpha={self.alpha}, "
+                f"beta={self.beta}, lamda={self.lamda}, k={self.k}, tau={self.tau}, "
+                f"rank_by={self.rank_by}, warmup_epochs={self.warmup_epochs}, "
+                f"sample_rate={self.sample_rate}")
+
+    def _kept_classes(self, labels: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Local class indices kept this step (None = all) and each label's column (-1: other
+        rank)."""
+        in_shard = (labels >= self.class_start) & (labels < self.class_start + self.num_local)
+        column = torch.where(in_shard, labels - self.class_start, -1)
+        if self.sample_rate >= 1.0:
+            return None, column
+        if self.num_local == 0:
+            return torch.zeros(0, dtype=torch.long, device=labels.device), column
+        positive = torch.unique(column[in_shard])
+        num_sample = int(self.sample_rate * self.num_local)
+        if num_sample > positive.numel():
+            score = torch.rand(self.num_local, device=labels.device)
+            score[positive] = 2.0
+            index = score.topk(num_sample).indices.sort().values
+        else:
+            index = positive
+        remap = torch.full((self.num_local,), -1, dtype=torch.long, device=labels.device)
+        remap[index] = torch.arange(index.numel(), device=labels.device)
+        return index, torch.where(in_shard, remap[column.clamp(min=0)], -1)
+
+    def _check_inputs(self, student: torch.Tensor, teacher: torch.Tensor,
+                      labels: torch.Tensor) -> None:
+        b = student.shape[0] if student.dim() == 2 else -1
+        expected = ([b, self.embedding_size], [b, self.teacher_embedding_size], [b])
+        found = (list(student.shape), list(teacher.shape), list(labels.shape))
+        if b < 0 or tuple(expected) != found:
+            raise ValueError(f"GKDHead.forward: expected student_embeddings, teacher_embeddings, "
+                             f"labels of shapes [B, {self.embedding_size}], "
+                             f"[B, {self.teacher_embedding_size}], [B]; found {found}")
+
+    def forward(self, student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
+                labels: torch.Tensor, epoch: float) -> torch.Tensor:
+        """Loss of the global batch (same value on every rank).
+
+        Args:
+            student_embeddings: ``[B, D_s]`` this rank's student embeddings (with gradient).
+            teacher_embeddings: ``[B, D_t]`` this rank's teacher embeddings (no gradient).
+            labels: ``[B]`` class ids in ``[0, C)``.
+            epoch: current epoch counted from 0 (may be fractional), for the KD warm-up.
+        """
+        self._check_inputs(student_embeddings, teacher_embeddings, labels)
+        if epoch < 0:
+            raise ValueError(f"GKDHead.forward: epoch must be >= 0, got {epoch}")
+        reduce = _Sharded() if rank_and_world()[1] > 1 else _Local()
+        f_s = all_gather_with_grad(student_embeddings)
+        f_t = all_gather_no_grad(teacher_embeddings.detach())
+        y = all_gather_no_grad(labels.to(student_embeddings.device, torch.long))
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"GKDHead.forward: labels must lie in [0, {self.num_classes}), found "
+                             f"[{int(y.min())}, {int(y.max())}]")
+        index, column = self._kept_classes(y)
+        weight, teacher_weight = self.weight, self.teacher_weight
+        num_kept = self.num_classes
+        if index is not None:
+            weight, teacher_weight = weight[index], teacher_weight[index]
+            count = torch.tensor([index.numel()], device=y.device)
+            num_kept = int(reduce.sum(count).item())
+        self.sampled_index = index
+
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=f_s.device.type, enabled=False):
+            rows = torch.nonzero(column >= 0).flatten()
+            cols = column[rows]
+            z_s = _margin_logits(f_s.to(dtype), weight.to(dtype), rows, cols, self.s, self.m)
+            with torch.no_grad():
+                z_t = _margin_logits(f_t.to(dtype), teacher_weight.to(dtype), rows, cols,
+                                     self.s, self.m)
+            target = torch.zeros_like(z_t, dtype=torch.bool)
+            target[rows, cols] = True
+            ce = _sharded_cross_entropy(z_s, target, reduce)
+            parts = _gkd_parts(z_s, z_t, target, num_kept, self.temperature, self.alpha,
+                               self.beta, self.lamda, self.k, self.tau, self.rank_by, self.k_step,
+                               reduce)
+        kd_weight = kd_warmup_weight(epoch, self.warmup_epochs)
+        loss = ce + kd_weight * parts.total
+        self.stats = {name: value.detach() for name, value in (
+            ("ce", ce), ("kd", parts.total), ("binary", parts.binary),
+            ("primary", parts.primary), ("secondary", parts.secondary))}
+        self.stats["kd_weight"] = torch.tensor(kd_weight, dtype=ce.dtype)
+        self.stats["k"] = torch.tensor(parts.k_used)
+        return loss
+
+
+def _margin_logits(embeddings: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
+                   cols: torch.Tensor, s: float, m: float) -> torch.Tensor:
+    """CosFace logits ``s * (cos - m * onehot)`` ``[N, L]`` of ``embeddings [N, D]`` against the
+    class rows ``weight [L, D]``; the margin goes to the entries ``(rows, cols)``.  Built in place
+    on one fresh ``[N, L]`` tensor (the matmul output is not kept)."""
+    logits = F.linear(F.normalize(embeddings), F.normalize(weight)).mul_(s)
+    margin = torch.full((rows.numel(),), -s * m, dtype=logits.dtype, device=logits.device)
+    return logits.index_put_((rows, cols), margin, accumulate=True)
+
+
+def _sharded_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                           reduce: _Local) -> torch.Tensor:
+    """Mean softmax cross entropy of class-sharded ``logits [N, L]`` with bool ``target``."""
+    row_max = reduce.max(_masked_max(logits.detach(), torch.ones_like(target)))
+    sums = reduce.sum_with_grad(torch.stack(
+        [torch.exp(logits - row_max[:, None]).sum(dim=1),
+         torch.where(target, logits, 0.0).sum(dim=1)], dim=1))
+    return (row_max + sums[:, 0].log() - sums[:, 1]).mean()

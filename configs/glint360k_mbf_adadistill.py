@@ -3,6 +3,7 @@ plus 30 % of each rank's classes per step; the center table is sharded over the 
 from easydict import EasyDict as edict
 
 config = edict()
+config.output = None   # work_dirs/<this file name>; a fork's base.py may set a fixed folder
 config.distill = "adadistill"
 config.alpha = "weighted"
 config.margin_list = (1.0, 0.45, 0.0)

@@ -2,6 +2,7 @@
 from easydict import EasyDict as edict
 
 config = edict()
+config.output = None   # work_dirs/<this file name>; a fork's base.py may set a fixed folder
 config.distill = "adadistill"
 config.alpha = "weighted"
 config.margin_list = (1.0, 0.0, 0.35)

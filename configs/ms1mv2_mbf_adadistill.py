@@ -9,6 +9,7 @@ the global-batch mean loss, as the official code's DDP averaging of per-GPU mean
 from easydict import EasyDict as edict
 
 config = edict()
+config.output = None   # work_dirs/<this file name>; a fork's base.py may set a fixed folder
 config.distill = "adadistill"
 config.alpha = "weighted"
 config.margin_list = (1.0, 0.45, 0.0)

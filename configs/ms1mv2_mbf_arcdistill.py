@@ -8,6 +8,7 @@ ms1mv2_mbf_adadistill, so only the centers differ.
 from easydict import EasyDict as edict
 
 config = edict()
+config.output = None   # work_dirs/<this file name>; a fork's base.py may set a fixed folder
 config.distill = "arcdistill"
 config.margin_list = (1.0, 0.45, 0.0)
 config.margin_scale = 64.0

@@ -8,6 +8,7 @@ are averaged over ranks as upstream does (grad_reduction = "arcface_torch").
 from easydict import EasyDict as edict
 
 config = edict()
+config.output = None   # work_dirs/<this file name>; a fork's base.py may set a fixed folder
 config.distill = "gkd"
 config.margin_list = (1.0, 0.0, 0.4)
 config.margin_scale = 64.0

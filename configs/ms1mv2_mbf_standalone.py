@@ -3,6 +3,7 @@ margin softmax with learned Partial-FC weights, through the same loop as the dis
 from easydict import EasyDict as edict
 
 config = edict()
+config.output = None   # work_dirs/<this file name>; a fork's base.py may set a fixed folder
 config.distill = "none"
 config.margin_list = (1.0, 0.5, 0.0)
 config.margin_scale = 64.0

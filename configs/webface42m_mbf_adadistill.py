@@ -4,6 +4,7 @@ positives plus 20 % of each rank's classes per step; the center table is sharded
 from easydict import EasyDict as edict
 
 config = edict()
+config.output = None   # work_dirs/<this file name>; a fork's base.py may set a fixed folder
 config.distill = "adadistill"
 config.alpha = "weighted"
 config.margin_list = (1.0, 0.45, 0.0)

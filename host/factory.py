@@ -11,7 +11,11 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from plugins.config_defaults import METHODS
 
+
+# arcface_torch job keys the distillation code reads (a fork's base.py does not define them).
+REQUIRED_JOB_KEYS = ("rec", "num_classes", "num_epoch", "warmup_epoch")
 NEEDS_TEACHER = ("adadistill", "arcdistill", "cosdistill", "gkd", "feature_mse")
 
 
@@ -28,6 +32,13 @@ def margin_from_list(margin_list, source: str = "margin_list") -> Tuple[str, flo
 
 def check_config(cfg) -> None:
     """Start-up checks that would otherwise fail mid-run, each naming the config key."""
+    missing = [key for key in REQUIRED_JOB_KEYS if key not in cfg]
+    if missing:
+        raise ValueError(f"config lacks the job key(s) {missing}: set them in configs/<job>.py "
+                         f"(a fork's configs/base.py does not define them)")
+    if cfg.distill not in METHODS:
+        raise ValueError(f"config key 'distill' must be one of {list(METHODS)}, "
+                         f"got {cfg.distill!r}")
     for key, ok in (("dali", False), ("using_wandb", False)):
         if cfg.get(key, ok) != ok:
             raise ValueError(f"config key '{key}' = {cfg[key]!r} is not supported; set it to {ok}")
@@ -95,6 +106,8 @@ def build_head(cfg, teacher_classifier: Optional[torch.Tensor] = None) -> nn.Mod
                                     sample_rate=cfg.sample_rate)
     if method == "none":
         return margin_head
+    if method != "feature_mse":
+        raise ValueError(f"config key 'distill' must be one of {list(METHODS)}, got {method!r}")
     from plugins.composite import MarginWithFeatureKD
     from plugins.feature_kd import FeatureMSEHead
     return MarginWithFeatureKD(margin_head, FeatureMSEHead(), cfg.feature_kd_weight)

@@ -85,7 +85,7 @@ def train(cfg) -> dict:
 
     dataset = FaceRecordDataset(cfg.rec, num_classes=cfg.num_classes, flip=cfg.flip,
                                 seed=cfg.seed, skip_bad=cfg.skip_bad_records)
-    if len(dataset) != cfg.num_image:
+    if cfg.get("num_image", len(dataset)) != len(dataset):
         LOG.warning("config num_image=%d but %s holds %d images; using %d",
                     cfg.num_image, cfg.rec, len(dataset), len(dataset))
     acc = int(cfg.gradient_acc)
@@ -140,7 +140,7 @@ def train(cfg) -> dict:
         writer = SummaryWriter(os.path.join(cfg.output, "tensorboard"))
         for key in sorted(cfg):
             LOG.info("%-28s %r", key, cfg[key])
-        if cfg.val_targets and cfg.verbose > 0:
+        if cfg.get("val_targets") and cfg.verbose > 0:
             from host.verification import VerificationCallback
             verifier = VerificationCallback(cfg.val_targets, cfg.rec, summary_writer=writer)
 

@@ -1,0 +1,662 @@
+"""IJB-B / IJB-C 1:1 template verification, the pipeline behind the published TAR@FAR numbers.
+
+Layout of ``<image_path>`` (InsightFace's IJB release)::
+
+    meta/<ijbb|ijbc>_face_tid_mid.txt         img tid mid                  (one line per image)
+    meta/<ijbb|ijbc>_name_5pts_score.txt      img x1 y1 ... x5 y5 score    (same images, same order)
+    meta/<ijbb|ijbc>_template_pair_label.txt  tid1 tid2 label              (1 = same identity)
+    loose_crop/<img>
+
+Pipeline (each step as published; ``N`` images, ``T`` templates, ``P`` pairs, ``D`` dims):
+
+1. align every image by the similarity transform of its 5 landmarks onto the ArcFace 112 x 112
+   template (``insightface.utils.face_align.norm_crop``), in DataLoader workers;
+2. embed the aligned image and its mirror: image features ``[N, 2D]`` = ``[plain | mirror]``;
+3. ``f_i = (plain_i + mirror_i) * detector_score_i`` -- NOT L2-normalised;
+4. template ``t``: ``v_t = sum over media m of t of mean(f_i, i in (t, m))``, then
+   ``v_t / ||v_t||``, computed as ONE weighted segment sum ``v_t = sum_i f_i / n_(t, m_i)``
+   (a sparse matrix product; no loop over templates);
+5. pair score ``s = <v_t1, v_t2>``, by blocked float32 matrix products (no per-pair loop);
+6. TAR@FAR from ``sklearn.metrics.roc_curve`` (its defaults, ``drop_intermediate=True``), at the
+   point whose FPR is closest to the target (``rule="closest"``, the published reading: either
+   side, a tie goes to the higher TPR) or the best TPR with FPR <= target (``rule="strict"``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from host.image_codec import decode_rgb
+from host.model_io import Embedder, atomic_output, save_npy, save_text
+
+LOG = logging.getLogger(__name__)
+
+TARGETS = ("IJBB", "IJBC")
+FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+RULES = ("closest", "strict")
+IMAGE_SIZE = 112
+
+
+# --------------------------------------------------------------------------- meta files
+
+@dataclass
+class IJBMeta:
+    """The three meta files of one IJB target, checked against each other.
+
+    Attributes:
+        names: ``[N]`` image file names (relative to ``loose_crop/``).
+        landmarks: ``[N, 5, 2]`` float32 (x, y) of eyes, nose, mouth corners.
+        det_scores: ``[N]`` float32 detector scores.
+        templates, medias: ``[N]`` int64 template and media ids of each image.
+        pairs: ``[P, 2]`` int64 template ids; labels: ``[P]`` int8, 1 = genuine.
+        landmark_file: path of the 5-point file (error messages cite its line numbers).
+    """
+
+    target: str
+    root: str
+    names: List[str]
+    landmarks: np.ndarray
+    det_scores: np.ndarray
+    templates: np.ndarray
+    medias: np.ndarray
+    pairs: np.ndarray
+    labels: np.ndarray
+    landmark_file: str
+
+    @property
+    def image_dir(self) -> str:
+        return os.path.join(self.root, "loose_crop")
+
+
+def meta_paths(root: str, target: str) -> Dict[str, str]:
+    """Paths of the three meta files of ``target`` (``IJBB`` or ``IJBC``) under ``root``."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    prefix = os.path.join(root, "meta", target.lower())
+    return {"tid_mid": f"{prefix}_face_tid_mid.txt",
+            "landmarks": f"{prefix}_name_5pts_score.txt",
+            "pairs": f"{prefix}_template_pair_label.txt"}
+
+
+def _split_lines(path: str, num_fields: int, layout: str) -> List[List[str]]:
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist: expected the IJB meta file ({layout})")
+    with open(path, "r", encoding="utf-8") as handle:
+        rows = [line.split() for line in handle.read().splitlines()]
+    for i, row in enumerate(rows):
+        if len(row) != num_fields:
+            raise ValueError(f"{path}:{i + 1}: {len(row)} fields, expected {num_fields} "
+                             f"({layout})")
+    if not rows:
+        raise ValueError(f"{path} is empty: expected lines '{layout}'")
+    return rows
+
+
+def _field_ok(field: str, dtype: type) -> bool:
+    try:
+        if dtype is np.float32:
+            return bool(np.isfinite(float(field)))
+        int(field)
+        return True
+    except ValueError:
+        return False
+
+
+def _parse_numbers(path: str, rows: List[List[str]], dtype: type, layout: str) -> np.ndarray:
+    """``[len(rows), fields - 1]`` numbers after each row's name (float32 must be finite).
+
+    One vectorised conversion; only when it fails are the rows rescanned to name the line."""
+    try:
+        values = np.array([row[1:] for row in rows], dtype=dtype)
+    except ValueError:
+        values = None
+    if values is not None and (dtype is not np.float32 or np.isfinite(values).all()):
+        return values
+    kind = "a finite number" if dtype is np.float32 else "an integer"
+    for i, row in enumerate(rows):
+        for field in row[1:]:
+            if not _field_ok(field, dtype):
+                raise ValueError(f"{path}:{i + 1}: field {field!r} is not {kind} ({layout})")
+    raise ValueError(f"{path}: cannot parse it as '{layout}' lines")
+
+
+def read_template_media(path: str) -> Tuple[List[str], np.ndarray, np.ndarray]:
+    """``img tid mid`` lines -> names ``[N]``, templates ``[N]`` int64, medias ``[N]`` int64."""
+    layout = "img tid mid"
+    rows = _split_lines(path, 3, layout)
+    ids = _parse_numbers(path, rows, np.int64, layout)
+    return [row[0] for row in rows], ids[:, 0].copy(), ids[:, 1].copy()
+
+
+def read_landmarks(path: str) -> Tuple[List[str], np.ndarray, np.ndarray]:
+    """``img x1 y1 ... x5 y5 score`` lines -> names, landmarks ``[N, 5, 2]``, scores ``[N]``."""
+    layout = "img x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 detector_score"
+    rows = _split_lines(path, 12, layout)
+    values = _parse_numbers(path, rows, np.float32, layout)
+    return [row[0] for row in rows], values[:, :10].reshape(-1, 5, 2).copy(), values[:, 10].copy()
+
+
+def read_pairs(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """``tid1 tid2 label`` lines -> pairs ``[P, 2]`` int64 and labels ``[P]`` int8 (0/1).
+
+    The fast path is ``np.loadtxt``; on a parse error the file is rescanned to name the line.
+    """
+    layout = "tid1 tid2 label"
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist: expected the IJB meta file ({layout})")
+    try:
+        table = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
+    except ValueError:
+        table = None
+    if table is None or table.shape[1:] != (3,):
+        with open(path, "r", encoding="utf-8") as handle:
+            for i, line in enumerate(handle):
+                fields = line.split()
+                if len(fields) != 3:
+                    raise ValueError(f"{path}:{i + 1}: {len(fields)} fields, expected 3 "
+                                     f"({layout})")
+                for field in fields:
+                    try:
+                        int(field)
+                    except ValueError:
+                        raise ValueError(f"{path}:{i + 1}: field {field!r} is not an integer "
+                                         f"({layout})") from None
+        raise ValueError(f"{path}: cannot parse it as '{layout}' lines")
+    if table.shape[0] == 0:
+        raise ValueError(f"{path} is empty: expected lines '{layout}'")
+    bad = np.flatnonzero((table[:, 2] != 0) & (table[:, 2] != 1))
+    if bad.size:
+        raise ValueError(f"{path}:{bad[0] + 1}: label {table[bad[0], 2]} is not 0 or 1")
+    return table[:, :2].copy(), table[:, 2].astype(np.int8)
+
+
+def load_meta(root: str, target: str) -> IJBMeta:
+    """Read and cross-check the three meta files of ``target`` under ``root``.
+
+    Raises:
+        ValueError: a file is missing, a line has the wrong field count or a non-numeric field,
+            the two per-image files list different images (count or order), or a pair names a
+            template no image belongs to; the message names the file and line.
+    """
+    paths = meta_paths(root, target)
+    names, templates, medias = read_template_media(paths["tid_mid"])
+    lmk_names, landmarks, scores = read_landmarks(paths["landmarks"])
+    if names != lmk_names:
+        first = next((i for i, (a, b) in enumerate(zip(names, lmk_names)) if a != b),
+                     min(len(names), len(lmk_names)))
+        a = names[first] if first < len(names) else "<end of file>"
+        b = lmk_names[first] if first < len(lmk_names) else "<end of file>"
+        raise ValueError(
+            f"{paths['landmarks']}:{first + 1}: image {b!r} but {paths['tid_mid']}:{first + 1} "
+            f"has {a!r}; the two files must list the same images in the same order "
+            f"({len(lmk_names)} vs {len(names)} lines)")
+    pairs, labels = read_pairs(paths["pairs"])
+    known = np.unique(templates)
+    pos = np.clip(np.searchsorted(known, pairs), 0, known.size - 1)
+    unknown = np.flatnonzero((known[pos] != pairs).any(axis=1))
+    if unknown.size:
+        row = unknown[0]
+        raise ValueError(f"{paths['pairs']}:{row + 1}: template pair {pairs[row].tolist()} names "
+                         f"a template with no image in {paths['tid_mid']} "
+                         f"({unknown.size} such pairs)")
+    return IJBMeta(target=target, root=root, names=names, landmarks=landmarks, det_scores=scores,
+                   templates=templates, medias=medias, pairs=pairs, labels=labels,
+                   landmark_file=paths["landmarks"])
+
+
+# --------------------------------------------------------------------------- images -> features
+
+_FACE_ALIGN = None
+
+
+def norm_crop(image: np.ndarray, landmarks: np.ndarray, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """InsightFace's ``face_align.norm_crop`` (imported on first use): ``[H, W, 3]`` -> aligned
+    ``[S, S, 3]`` by the similarity transform of ``landmarks [5, 2]`` onto the ArcFace template."""
+    global _FACE_ALIGN
+    if _FACE_ALIGN is None:
+        from insightface.utils import face_align
+        _FACE_ALIGN = face_align
+    with warnings.catch_warnings():  # scikit-image >= 0.26 deprecates the estimate() it calls
+        warnings.filterwarnings("ignore", message=".*estimate.*deprecated", category=FutureWarning)
+        return _FACE_ALIGN.norm_crop(image, landmark=landmarks, image_size=image_size)
+
+
+class AlignedFaceDataset(Dataset):
+    """Decode + align one IJB image per item: ``(uint8 [3, S, S] RGB, index)``.
+
+    Args:
+        image_dir: folder the names are relative to (``<root>/loose_crop``).
+        names: ``[N]`` file names.
+        landmarks: ``[N, 5, 2]`` float32.
+        source: the file the names came from (errors cite ``source:line``).
+        image_size: aligned size S (112).
+        check_files: stat every file up front, so a missing image fails before extraction.
+    """
+
+    def __init__(self,
+                 image_dir: str,
+                 names: Sequence[str],
+                 landmarks: np.ndarray,
+                 source: str,
+                 image_size: int = IMAGE_SIZE,
+                 check_files: bool = True) -> None:
+        if landmarks.shape != (len(names), 5, 2):
+            raise ValueError(f"landmarks must be [{len(names)}, 5, 2], got {landmarks.shape}")
+        self.image_dir, self.names, self.landmarks = image_dir, list(names), landmarks
+        self.source, self.image_size = source, image_size
+        if check_files:
+            missing = [i for i, name in enumerate(self.names)
+                       if not os.path.isfile(os.path.join(image_dir, name))]
+            if missing:
+                first = os.path.join(image_dir, self.names[missing[0]])
+                raise ValueError(f"{source}:{missing[0] + 1}: image {first} does not exist "
+                                 f"({len(missing)} of {len(self.names)} listed images are "
+                                 f"missing under {image_dir})")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        path = os.path.join(self.image_dir, self.names[index])
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+            rgb = decode_rgb(data)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{self.source}:{index + 1}: cannot read image {path}: {error}") \
+                from error
+        aligned = norm_crop(rgb, self.landmarks[index], self.image_size)
+        return torch.from_numpy(np.ascontiguousarray(aligned.transpose(2, 0, 1))), index
+
+
+def extract_features(embedder: Embedder,
+                     dataset: Dataset,
+                     batch_size: int = 128,
+                     num_workers: int = 4,
+                     progress: bool = True) -> np.ndarray:
+    """Image features ``[N, 2D]`` float32 = ``[embed(x) | embed(mirror(x))]`` in dataset order.
+
+    Decoding and alignment run in ``num_workers`` DataLoader processes; each batch of ``B``
+    images goes through the model as one ``[2B, 3, S, S]`` batch (images then mirrors).
+    """
+    from tqdm import tqdm
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=torch.cuda.is_available())
+    out: Optional[np.ndarray] = None
+    for images, index in tqdm(loader, desc="IJB features", unit="batch", disable=not progress):
+        both = torch.cat([images, images.flip(3)])
+        feats = embedder(both).numpy()
+        if out is None:
+            out = np.empty((len(dataset), 2 * feats.shape[1]), dtype=np.float32)
+        dim = feats.shape[1]
+        idx = index.numpy()
+        out[idx, :dim] = feats[:len(idx)]
+        out[idx, dim:] = feats[len(idx):]
+    if out is None:
+        raise ValueError("the dataset is empty: no image features extracted")
+    return out
+
+
+# --------------------------------------------------------------------------- features -> scores
+
+def template_features(img_feats: np.ndarray,
+                      det_scores: np.ndarray,
+                      templates: np.ndarray,
+                      medias: np.ndarray,
+                      chunk: int = 65536) -> Tuple[np.ndarray, np.ndarray]:
+    """L2-normalised template features ``[T, D]`` float32 and the sorted template ids ``[T]``.
+
+    ``v_t = sum_m mean_{i in (t, m)} f_i = sum_{i in t} f_i / n_(t, m_i)`` with
+    ``f_i = (plain_i + mirror_i) * score_i`` (float32, as published): a sparse ``[T, N]`` weight
+    matrix (one entry ``1 / n_(t, m_i)`` per image) times the features, accumulated in float64
+    over image chunks (no loop over templates), then ``v_t / ||v_t||`` (a zero vector stays 0).
+
+    Args:
+        img_feats: ``[N, 2D]`` image features ``[plain | mirror]``.
+        det_scores: ``[N]`` detector scores; templates, medias: ``[N]`` ids.
+        chunk: images per sparse product (bounds the float64 temporaries).
+    """
+    import scipy.sparse
+
+    n = len(templates)
+    if img_feats.ndim != 2 or img_feats.shape[0] != n or img_feats.shape[1] % 2:
+        raise ValueError(f"image features must be [N={n}, 2D], got {list(img_feats.shape)}")
+    if det_scores.shape != (n,) or medias.shape != (n,):
+        raise ValueError(f"det_scores, templates and medias must all be [N={n}]")
+    dim = img_feats.shape[1] // 2
+    unique_templates, t_index = np.unique(templates, return_inverse=True)
+    t_index = t_index.reshape(-1)
+    unique_medias, m_index = np.unique(medias, return_inverse=True)
+    pair_key = t_index.astype(np.int64) * len(unique_medias) + m_index.reshape(-1)
+    _, tm_index, tm_count = np.unique(pair_key, return_inverse=True, return_counts=True)
+    weight = 1.0 / tm_count[tm_index.reshape(-1)]
+    acc = np.zeros((len(unique_templates), dim), dtype=np.float64)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        block = img_feats[start:stop]
+        f = (block[:, :dim] + block[:, dim:]) * det_scores[start:stop, None].astype(np.float32)
+        w = scipy.sparse.csr_matrix((weight[start:stop], (t_index[start:stop],
+                                                          np.arange(stop - start))),
+                                    shape=(len(unique_templates), stop - start))
+        acc += w @ f
+    norm = np.linalg.norm(acc, axis=1, keepdims=True)
+    acc /= np.where(norm > 0, norm, 1.0)
+    return acc.astype(np.float32), unique_templates
+
+
+def template_rows(unique_templates: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Row of each template id in ``unique_templates`` (sorted): a lookup table when the ids
+    are small non-negative integers (IJB ids are < 200,000), else a binary search.
+
+    Raises ValueError if an id has no row."""
+    ids = np.asarray(ids)
+    num = len(unique_templates)
+    if num and unique_templates[0] >= 0 and unique_templates[-1] < max(4 * ids.size, 1 << 22):
+        lookup = np.full(int(unique_templates[-1]) + 1, -1, dtype=np.int64)
+        lookup[unique_templates] = np.arange(num)
+        inside = (ids >= 0) & (ids < lookup.size)
+        rows = np.where(inside, lookup[np.where(inside, ids, 0)], -1)
+        valid = rows >= 0
+    else:
+        rows = np.searchsorted(unique_templates, ids)
+        valid = (rows < num) & (unique_templates[np.minimum(rows, num - 1)] == ids)
+    if not valid.all():
+        raise ValueError(f"template id {ids[~valid].flat[0]} has no features (no image of it in "
+                         f"the template/media list)")
+    return rows
+
+
+def score_pairs(template_feats: np.ndarray,
+                unique_templates: np.ndarray,
+                pairs: np.ndarray,
+                block_rows: int = 2048,
+                device: Optional[str] = None) -> np.ndarray:
+    """Pair scores ``[P]`` float32: ``<v_t1, v_t2>`` for every template pair.
+
+    The score is symmetric, so each pair is put as (lower row a, higher row b).  Pairs are
+    bucketed by the block of ``block_rows`` templates holding ``a`` (radix argsort on the block
+    number); each block is multiplied in float32 with the templates from the block's first row
+    on (or only those its pairs need, when fewer than half), and the scores are gathered from
+    that product: about ``T^2 D / 2`` multiply-adds in large GEMMs instead of ``P`` scattered
+    dot products.  Same numbers as per-pair dot products up to float32 rounding.
+
+    Args:
+        template_feats: ``[T, D]`` float32 (L2-normalised). unique_templates: ``[T]`` sorted ids.
+        pairs: ``[P, 2]`` template ids.
+        block_rows: templates per block (memory: ``block_rows x T`` floats).
+        device: torch device for the products (default CPU).
+    """
+    num_templates = len(unique_templates)
+    rows = template_rows(unique_templates, pairs)
+    low, high = np.minimum(rows[:, 0], rows[:, 1]), np.maximum(rows[:, 0], rows[:, 1])
+    num_blocks = (num_templates + block_rows - 1) // block_rows
+    block = (low // block_rows).astype(np.uint16 if num_blocks < 65535 else np.int64)
+    order = np.argsort(block, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(block, minlength=num_blocks))])
+    feats = torch.from_numpy(np.ascontiguousarray(template_feats, dtype=np.float32))
+    feats = feats.to(device) if device else feats
+    scores = np.empty(len(pairs), dtype=np.float32)
+    col_pos = np.empty(num_templates, dtype=np.int64)
+    for k in range(num_blocks):
+        sel = order[bounds[k]:bounds[k + 1]]
+        if sel.size == 0:
+            continue
+        row0 = k * block_rows
+        a, b = low[sel] - row0, high[sel]
+        needed = np.zeros(num_templates, dtype=bool)
+        needed[b] = True
+        cols = np.flatnonzero(needed)
+        if cols.size > (num_templates - row0) // 2:
+            other, col = feats[row0:], b - row0
+        else:
+            col_pos[cols] = np.arange(cols.size)
+            other, col = feats[torch.from_numpy(cols).to(feats.device)], col_pos[b]
+        product = (feats[row0:row0 + block_rows] @ other.T).cpu().numpy()
+        scores[sel] = product[a, col]
+    return scores
+
+
+# --------------------------------------------------------------------------- scores -> TAR@FAR
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The ROC point read for one target FAR: its TPR (TAR), actual FPR and score threshold."""
+
+    far: float
+    tar: float
+    fpr: float
+    threshold: float
+
+
+def roc(labels: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``sklearn.metrics.roc_curve`` with its defaults (``drop_intermediate=True``)."""
+    from sklearn.metrics import roc_curve
+
+    labels = np.asarray(labels)
+    if labels.shape != np.shape(scores) or labels.ndim != 1:
+        raise ValueError(f"labels {labels.shape} and scores {np.shape(scores)} must be [P]")
+    if not ((labels == 1).any() and (labels == 0).any()):
+        raise ValueError("TAR@FAR needs both genuine (1) and impostor (0) pairs")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf")
+    return roc_curve(labels, scores)
+
+
+def operating_points(fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray,
+                     fars: Sequence[float] = FARS, rule: str = "closest") -> List[OperatingPoint]:
+    """Read TAR at each target FAR from an ROC curve.
+
+    ``closest``: the point minimising ``|fpr - far|`` (exact float comparison, as published);
+    among equally close points the one with the highest TPR.  ``strict``: the highest TPR
+    among points with ``fpr <= far`` (``fpr[0] = 0`` always qualifies).
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    points = []
+    for far in fars:
+        if rule == "closest":
+            dist = np.abs(fpr - far)
+            candidates = np.flatnonzero(dist == dist.min())
+        else:
+            candidates = np.flatnonzero(fpr <= far)
+        best = candidates[np.argmax(tpr[candidates])]
+        points.append(OperatingPoint(float(far), float(tpr[best]), float(fpr[best]),
+                                     float(thresholds[best])))
+    return points
+
+
+def far_key(far: float) -> str:
+    """JSON / table key of a target FAR: ``str(float)``, e.g. ``1e-06``, ``0.0001``."""
+    return str(float(far))
+
+
+def evaluate_scores(labels: np.ndarray, scores: np.ndarray, rule: str = "closest",
+                    fars: Sequence[float] = FARS) -> Dict:
+    """TAR@FAR report of one score vector: ``tar_at_far`` (percent), points, AUC, counts."""
+    from sklearn.metrics import auc
+
+    fpr, tpr, thresholds = roc(labels, scores)
+    points = operating_points(fpr, tpr, thresholds, fars, rule)
+    return {
+        "rule": rule,
+        "tar_at_far": {far_key(p.far): 100.0 * p.tar for p in points},
+        "operating_points": {far_key(p.far): {"tar": p.tar, "fpr": p.fpr,
+                                               "threshold": p.threshold} for p in points},
+        "auc": 100.0 * float(auc(fpr, tpr)),
+        "num_pairs": int(len(labels)),
+        "num_genuine": int((np.asarray(labels) == 1).sum()),
+        "num_impostor": int((np.asarray(labels) == 0).sum()),
+        "roc": (fpr, tpr),
+    }
+
+
+# --------------------------------------------------------------------------- reports
+
+def format_table(reports: Mapping[str, Dict], target: str, fars: Sequence[float] = FARS) -> str:
+    """A prettytable: one row per method, TAR (percent, 2 decimals) at each FAR."""
+    from prettytable import PrettyTable
+
+    table = PrettyTable(["Methods"] + [far_key(f) for f in fars])
+    for name, report in reports.items():
+        table.add_row([f"{name}-{target}"] + [f"{report['tar_at_far'][far_key(f)]:.2f}"
+                                               for f in fars])
+    return table.get_string()
+
+
+def plot_roc(reports: Mapping[str, Dict], stem: str, target: str) -> List[str]:
+    """ROC curves of every report on one log-FPR plot, saved atomically as ``stem.png`` and
+    ``stem.pdf`` (matplotlib Agg canvas; no pyplot global state)."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["Set2"]
+    for i, (name, report) in enumerate(reports.items()):
+        fpr, tpr = report["roc"]
+        ax.plot(fpr, tpr, color=cmap(i % cmap.N), lw=1,
+                label=f"[{name} (AUC = {report['auc']:.4f} %)]")
+    ax.set_xlim([FARS[0], FARS[-1]])
+    ax.set_ylim([0.3, 1.0])
+    ax.grid(linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xticks(list(FARS))
+    ax.set_yticks(np.linspace(0.3, 1.0, 8))
+    ax.set_xlabel("False Positive Rate")
+    ax.set_ylabel("True Positive Rate")
+    ax.set_title(f"ROC on {target}")
+    ax.legend(loc="lower right")
+    written = []
+    for fmt in ("png", "pdf"):
+        path = f"{stem}.{fmt}"
+        with atomic_output(path) as handle:
+            fig.savefig(handle, format=fmt)
+        written.append(path)
+    return written
+
+
+def _json_report(report: Dict) -> Dict:
+    return {k: v for k, v in report.items() if k != "roc"}
+
+
+def write_json(path: str, payload: Dict) -> None:
+    """Indented JSON, written atomically."""
+    save_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+# --------------------------------------------------------------------------- whole runs
+
+def score_features(meta: IJBMeta, img_feats: np.ndarray,
+                   device: Optional[str] = None) -> Tuple[np.ndarray, Dict[str, float]]:
+    """Pair scores ``[P]`` from image features ``[N, 2D]``, and the seconds of each stage."""
+    if img_feats.shape[0] != len(meta.names):
+        raise ValueError(f"image features have {img_feats.shape[0]} rows but "
+                         f"{meta.landmark_file} lists {len(meta.names)} images")
+    times = {}
+    start = time.perf_counter()
+    feats, unique_templates = template_features(img_feats, meta.det_scores, meta.templates,
+                                                meta.medias)
+    times["templates_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = score_pairs(feats, unique_templates, meta.pairs, device=device)
+    times["pairs_s"] = time.perf_counter() - start
+    return scores, times
+
+
+def output_paths(result_dir: str, job: str, target: str) -> Dict[str, str]:
+    """Where a run writes: ``<result_dir>/<job>/<target lower-case>{.npy,_features.npy,.json,
+    _roc.png,_roc.pdf}``."""
+    base = os.path.join(result_dir, job, target.lower())
+    return {"scores": f"{base}.npy", "features": f"{base}_features.npy",
+            "json": f"{base}.json", "plot_stem": f"{base}_roc"}
+
+
+def run_ijb(meta: IJBMeta,
+            result_dir: str,
+            job: str,
+            rule: str = "closest",
+            embedder: Optional[Embedder] = None,
+            features_path: Optional[str] = None,
+            batch_size: int = 128,
+            num_workers: int = 4,
+            progress: bool = True) -> Dict:
+    """Full evaluation of one model (or precomputed features): write scores, features, JSON and
+    ROC plots under ``<result_dir>/<job>/``; return the JSON payload (``tar_at_far`` in %)."""
+    if (embedder is None) == (features_path is None):
+        raise ValueError("pass exactly one of a model (embedder) or a features .npy file")
+    paths = output_paths(result_dir, job, meta.target)
+    times: Dict[str, float] = {}
+    start = time.perf_counter()
+    if embedder is not None:
+        dataset = AlignedFaceDataset(meta.image_dir, meta.names, meta.landmarks,
+                                     meta.landmark_file)
+        img_feats = extract_features(embedder, dataset, batch_size, num_workers, progress)
+        save_npy(paths["features"], img_feats)
+        model = embedder.description
+    else:
+        img_feats = np.load(features_path, mmap_mode="r", allow_pickle=False)
+        if img_feats.ndim != 2 or img_feats.shape[0] != len(meta.names) or img_feats.shape[1] % 2:
+            raise ValueError(f"{features_path}: shape {list(img_feats.shape)}, expected "
+                             f"[{len(meta.names)}, 2D] ([plain | mirror] per line of "
+                             f"{meta.landmark_file})")
+        model = f"features:{os.path.basename(features_path)}"
+    times["features_s"] = time.perf_counter() - start
+    scores, stage_times = score_features(meta, np.asarray(img_feats, dtype=np.float32))
+    times.update(stage_times)
+    save_npy(paths["scores"], scores)
+    start = time.perf_counter()
+    report = evaluate_scores(meta.labels, scores, rule)
+    times["tar_at_far_s"] = time.perf_counter() - start
+    plots = plot_roc({job: report}, paths["plot_stem"], meta.target)
+    payload = {"target": meta.target, "model": model, **_json_report(report),
+               "num_images": len(meta.names), "num_templates": int(np.unique(meta.templates).size),
+               "files": {"scores": paths["scores"], "plots": plots,
+                         **({"features": paths["features"]} if embedder is not None else {})},
+               "seconds": times}
+    write_json(paths["json"], payload)
+    print(format_table({job: report}, meta.target))
+    return payload
+
+
+def compare_scores(labels: np.ndarray,
+                   score_files: Sequence[str],
+                   result_dir: str,
+                   job: str,
+                   target: str,
+                   rule: str = "closest") -> Dict:
+    """Several score files (``[NAME=]path.npy``, e.g. teacher, baseline, students) scored on the
+    same pairs: one table, one ROC plot, one JSON ``<target>_compare.json``."""
+    reports: Dict[str, Dict] = {}
+    for spec in score_files:
+        name, _, path = spec.rpartition("=")
+        if not name:
+            parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+            name = os.path.splitext(os.path.basename(path))[0]
+            if name in reports or name == target.lower():
+                name = f"{parent}/{name}"
+        if name in reports:
+            raise ValueError(f"two score files are both named {name!r}; use NAME=path")
+        scores = np.load(path, allow_pickle=False)
+        if scores.shape != labels.shape:
+            raise ValueError(f"{path}: {scores.shape[0] if scores.ndim else 0} scores but the "
+                             f"pair file has {labels.shape[0]} pairs ({target})")
+        reports[name] = evaluate_scores(labels, scores, rule)
+    base = os.path.join(result_dir, job, f"{target.lower()}_compare")
+    plots = plot_roc(reports, f"{base}_roc", target)
+    payload = {"target": target, "rule": rule, "files": {"plots": plots},
+               "methods": {k: _json_report(v) for k, v in reports.items()}}
+    write_json(f"{base}.json", payload)
+    print(format_table(reports, target))
+    return payload

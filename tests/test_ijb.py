@@ -1,0 +1,288 @@
+"""IJB-B/C evaluation: meta parsing and its errors, the CLI end to end with a tiny model, and
+TAR@FAR against an independent per-template / per-pair float64 implementation of the published
+pipeline (closest-FPR and strict rules)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_curve
+
+from eval import eval_ijbc
+from host import ijb
+from host.image_codec import decode_rgb
+from host.synthetic import write_ijb
+from plugins.backbones import get_model
+
+FAR_KEYS = ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def ijb_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ijb") / "IJBC")
+    info = write_ijb(root, target="IJBC", num_ids=8, templates_per_id=3, seed=0)
+    return root, info
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("model") / "model.pt")
+    torch.save(get_model("tiny_s", num_features=512).state_dict(), path)
+    return path
+
+
+def _meta_copy(src_root, dst_root):
+    """A writable copy of meta/ next to a symlink of loose_crop/."""
+    shutil.copytree(os.path.join(src_root, "meta"), os.path.join(dst_root, "meta"))
+    os.symlink(os.path.join(src_root, "loose_crop"), os.path.join(dst_root, "loose_crop"))
+    return dst_root
+
+
+def _edit(path, fn):
+    with open(path) as handle:
+        lines = handle.read().splitlines()
+    with open(path, "w") as handle:
+        handle.write("\n".join(fn(lines)) + "\n")
+
+
+# --------------------------------------------------------------------------- reference pipeline
+
+def reference_scores(img_feats, scores, templates, medias, pairs):
+    """Straightforward float64 version of the published pipeline (loops over templates/pairs)."""
+    dim = img_feats.shape[1] // 2
+    f = (img_feats[:, :dim].astype(np.float64) + img_feats[:, dim:]) * scores[:, None]
+    vectors = {}
+    for t in np.unique(templates):
+        idx = np.flatnonzero(templates == t)
+        total = np.zeros(dim)
+        for m in np.unique(medias[idx]):
+            total += f[idx[medias[idx] == m]].mean(axis=0)
+        vectors[t] = total / np.linalg.norm(total)
+    return np.array([float(vectors[a] @ vectors[b]) for a, b in pairs])
+
+
+def reference_tar(labels, scores, rule):
+    fpr, tpr, _ = roc_curve(labels, scores)
+    out = {}
+    for far in ijb.FARS:
+        best = None
+        for i in range(len(fpr)):
+            if rule == "closest":
+                key = (abs(fpr[i] - far), -tpr[i])
+                if best is None or key < best[0]:
+                    best = (key, tpr[i])
+            elif fpr[i] <= far and (best is None or tpr[i] > best[1]):
+                best = (None, tpr[i])
+        out[str(far)] = 100.0 * best[1]
+    return out
+
+
+# --------------------------------------------------------------------------- end to end
+
+def test_cli_with_model_writes_everything(ijb_root, tiny_checkpoint, tmp_path, capsys):
+    root, info = ijb_root
+    payload = eval_ijbc.main(["--model-prefix", tiny_checkpoint, "--network", "tiny_s",
+                              "--image-path", root, "--result-dir", str(tmp_path), "--job", "tiny",
+                              "--batch-size", "16", "--num-workers", "1", "--no-progress"])
+    out = tmp_path / "tiny"
+    feats = np.load(out / "ijbc_features.npy")
+    scores = np.load(out / "ijbc.npy")
+    assert feats.shape == (info["num_images"], 1024) and feats.dtype == np.float32
+    assert scores.shape == (info["num_pairs"],)
+    saved = json.loads((out / "ijbc.json").read_text())
+    assert list(saved["tar_at_far"]) == FAR_KEYS
+    assert saved["tar_at_far"] == payload["tar_at_far"]
+    assert saved["num_genuine"] == info["num_genuine"] and saved["rule"] == "closest"
+    assert (out / "ijbc_roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "ijbc_roc.pdf").read_bytes()[:4] == b"%PDF"
+    assert "Methods" in capsys.readouterr().out
+    assert not [p for p in os.listdir(out) if ".tmp." in p]
+
+    # the stored features are [embed(aligned) | embed(mirror)] in 5pts-file order
+    meta = ijb.load_meta(root, "IJBC")
+    model = get_model("tiny_s", num_features=512)
+    model.load_state_dict(torch.load(tiny_checkpoint, weights_only=True))
+    model.eval()
+    for i in (0, len(meta.names) - 1):
+        with open(os.path.join(root, "loose_crop", meta.names[i]), "rb") as handle:
+            aligned = ijb.norm_crop(decode_rgb(handle.read()), meta.landmarks[i])
+        x = torch.from_numpy(aligned.transpose(2, 0, 1).copy()).float()[None]
+        x = (x / 255 - 0.5) / 0.5
+        with torch.no_grad():
+            expected = torch.cat([model(x), model(x.flip(3))], dim=1).numpy()[0]
+        np.testing.assert_allclose(feats[i], expected, rtol=1e-4, atol=1e-5)
+
+    # re-scoring the stored features gives the same scores and TAR@FAR without the model
+    again = eval_ijbc.main(["--features", str(out / "ijbc_features.npy"), "--image-path", root,
+                            "--result-dir", str(tmp_path), "--job", "rescore"])
+    np.testing.assert_array_equal(np.load(tmp_path / "rescore" / "ijbc.npy"), scores)
+    assert again["tar_at_far"] == payload["tar_at_far"]
+    assert not (tmp_path / "rescore" / "ijbc_features.npy").exists()
+
+
+@pytest.mark.parametrize("rule", ["closest", "strict"])
+def test_tar_at_far_matches_reference_pipeline(ijb_root, tmp_path, rule):
+    root, info = ijb_root
+    meta = ijb.load_meta(root, "IJBC")
+    rng = np.random.default_rng(1)
+    identity = np.asarray(info["templates"])[meta.templates - 1]
+    centers = rng.standard_normal((identity.max() + 1, 16))
+    feats = np.concatenate([centers[identity] + 3.0 * rng.standard_normal((len(identity), 16)),
+                            centers[identity] + 3.0 * rng.standard_normal((len(identity), 16))],
+                           axis=1).astype(np.float32)
+    np.save(tmp_path / "feats.npy", feats)
+    payload = eval_ijbc.main(["--features", str(tmp_path / "feats.npy"), "--image-path", root,
+                              "--result-dir", str(tmp_path), "--job", rule, "--far-rule", rule])
+    ours = np.load(tmp_path / rule / "ijbc.npy")
+    expected = reference_scores(feats, meta.det_scores, meta.templates, meta.medias, meta.pairs)
+    np.testing.assert_allclose(ours, expected, atol=2e-6)
+    want = reference_tar(meta.labels, expected, rule)
+    assert payload["tar_at_far"] == pytest.approx(want, abs=1e-9)
+    tars = list(payload["tar_at_far"].values())
+    assert 0 < tars[0] < tars[-1] < 100   # a non-trivial curve
+
+
+def test_operating_point_rules_on_a_hand_made_curve():
+    fpr = np.array([0.0, 0.0, 0.00005, 0.000101, 0.25, 0.75, 1.0])
+    tpr = np.array([0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    thr = np.arange(7.0)[::-1]
+    pick = {rule: [p.tar for p in ijb.operating_points(fpr, tpr, thr, (1e-6, 1e-4, 0.5), rule)]
+            for rule in ijb.RULES}
+    # 1e-6: two points at fpr 0 tie -> the higher TPR; 1e-4: the closest point is above the
+    # target (0.000101), strict stays below; 0.5: 0.25 and 0.75 equally close -> higher TPR
+    assert pick["closest"] == [0.5, 0.7, 0.9]
+    assert pick["strict"] == [0.5, 0.6, 0.8]
+    with pytest.raises(ValueError, match="rule must be one of"):
+        ijb.operating_points(fpr, tpr, thr, (0.1,), "nearest")
+
+
+def test_template_features_and_pair_scores_by_hand():
+    f = np.arange(1, 13, dtype=np.float32).reshape(6, 2)            # D = 1: [plain | mirror]
+    det = np.array([1.0, 0.5, 2.0, 1.0, 1.0, 3.0], dtype=np.float32)
+    templates = np.array([7, 7, 7, 3, 3, 9])
+    medias = np.array([1, 1, 2, 5, 6, 1])
+    feats, tids = ijb.template_features(np.concatenate([f, -0.5 * f], axis=1), det, templates,
+                                        medias)
+    per_image = (f + -0.5 * f) * det[:, None]                        # [6, 2]
+    v7 = (per_image[0] + per_image[1]) / 2 + per_image[2]
+    v3 = per_image[3] + per_image[4]
+    v9 = per_image[5]
+    expected = np.stack([v / np.linalg.norm(v) for v in (v3, v7, v9)])
+    assert tids.tolist() == [3, 7, 9]
+    np.testing.assert_allclose(feats, expected, rtol=1e-6)
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((20, 8)).astype(np.float32)
+    ids = np.arange(100, 120)
+    pairs = ids[rng.integers(0, 20, (300, 2))]
+    pairs[:5] = [[100, 100], [119, 100], [100, 119], [105, 104], [118, 119]]
+    want = np.einsum("ij,ij->i", vecs[pairs[:, 0] - 100].astype(np.float64),
+                     vecs[pairs[:, 1] - 100])
+    for block_rows in (3, 7, 64):    # several blocks, subset and full column paths
+        np.testing.assert_allclose(ijb.score_pairs(vecs, ids, pairs, block_rows), want,
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="template id 150 has no features"):
+        ijb.score_pairs(vecs, ids, np.array([[100, 150]]))
+    big = np.array([-5, 7, 10 ** 12])                  # binary-search path (ids not small)
+    assert ijb.template_rows(big, np.array([[10 ** 12, -5], [7, 7]])).tolist() == [[2, 0], [1, 1]]
+    with pytest.raises(ValueError, match="template id 8 has no features"):
+        ijb.template_rows(big, np.array([7, 8]))
+
+
+def test_compare_several_score_files(ijb_root, tmp_path):
+    root, info = ijb_root
+    labels = ijb.load_meta(root, "IJBC").labels
+    rng = np.random.default_rng(0)
+    good = labels + 0.8 * rng.standard_normal(len(labels))
+    np.save(tmp_path / "a.npy", good)
+    np.save(tmp_path / "b.npy", rng.standard_normal(len(labels)))
+    payload = eval_ijbc.main(["--image-path", root, "--result-dir", str(tmp_path), "--job", "cmp",
+                              "--compare", f"teacher={tmp_path / 'a.npy'}",
+                              "--scores", str(tmp_path / "b.npy")])
+    assert list(payload["methods"]) == ["teacher", "b"]
+    assert payload["methods"]["teacher"]["tar_at_far"] == pytest.approx(
+        reference_tar(labels, good, "closest"), abs=1e-9)
+    assert (tmp_path / "cmp" / "ijbc_compare.json").exists()
+    assert (tmp_path / "cmp" / "ijbc_compare_roc.pdf").exists()
+    np.save(tmp_path / "short.npy", good[:-1])
+    with pytest.raises(ValueError, match="short.npy: .* scores but the pair file has"):
+        eval_ijbc.main(["--image-path", root, "--result-dir", str(tmp_path),
+                        "--compare", str(tmp_path / "short.npy")])
+
+
+# --------------------------------------------------------------------------- errors
+
+def test_missing_image_names_file_and_line(ijb_root):
+    root, _ = ijb_root
+    meta = ijb.load_meta(root, "IJBC")
+    names = list(meta.names)
+    names[4] = "does_not_exist.jpg"
+    with pytest.raises(ValueError, match=r"ijbc_name_5pts_score\.txt:5: image .*does_not_exist"
+                                         r"\.jpg does not exist \(1 of"):
+        ijb.AlignedFaceDataset(meta.image_dir, names, meta.landmarks, meta.landmark_file)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda lines: lines[:2] + [" ".join(lines[2].split()[:-1])] + lines[3:],
+     r"ijbc_name_5pts_score\.txt:3: 11 fields, expected 12"),
+    (lambda lines: lines[:6] + [" ".join(lines[6].split()[:3] + ["abc"] + lines[6].split()[4:])]
+     + lines[7:],
+     r"ijbc_name_5pts_score\.txt:7: field 'abc' is not a finite number"),
+    (lambda lines: lines[:1] + [lines[1].rsplit(" ", 1)[0] + " nan"] + lines[2:],
+     r"ijbc_name_5pts_score\.txt:2: field 'nan' is not a finite number"),
+    (lambda lines: lines[:3] + [lines[4], lines[3]] + lines[5:],
+     r"ijbc_name_5pts_score\.txt:4: image '5\.jpg' but .*ijbc_face_tid_mid\.txt:4 has '4\.jpg'"),
+    (lambda lines: lines[:-1],
+     r"ijbc_name_5pts_score\.txt:\d+: image '<end of file>'.*must list the same images"),
+])
+def test_bad_landmark_file(ijb_root, tmp_path, edit, message):
+    root = _meta_copy(ijb_root[0], str(tmp_path / "IJBC"))
+    _edit(os.path.join(root, "meta", "ijbc_name_5pts_score.txt"), edit)
+    with pytest.raises(ValueError, match=message):
+        ijb.load_meta(root, "IJBC")
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("ijbc_face_tid_mid.txt", lambda lines: lines[:2] + ["3.jpg 1"] + lines[3:],
+     r"ijbc_face_tid_mid\.txt:3: 2 fields, expected 3"),
+    ("ijbc_face_tid_mid.txt", lambda lines: lines[:2] + ["3.jpg x 2"] + lines[3:],
+     r"ijbc_face_tid_mid\.txt:3: field 'x' is not an integer"),
+    ("ijbc_template_pair_label.txt", lambda lines: lines[:5] + ["1 2"] + lines[6:],
+     r"ijbc_template_pair_label\.txt:6: 2 fields, expected 3"),
+    ("ijbc_template_pair_label.txt", lambda lines: lines[:5] + ["1 2 yes"] + lines[6:],
+     r"ijbc_template_pair_label\.txt:6: field 'yes' is not an integer"),
+    ("ijbc_template_pair_label.txt", lambda lines: lines[:5] + ["1 2 2"] + lines[6:],
+     r"ijbc_template_pair_label\.txt:6: label 2 is not 0 or 1"),
+    ("ijbc_template_pair_label.txt", lambda lines: lines[:7] + ["1 999 0"] + lines[8:],
+     r"ijbc_template_pair_label\.txt:8: template pair \[1, 999\] names a template with no image"),
+])
+def test_bad_meta_files(ijb_root, tmp_path, name, edit, message):
+    root = _meta_copy(ijb_root[0], str(tmp_path / "IJBC"))
+    _edit(os.path.join(root, "meta", name), edit)
+    with pytest.raises(ValueError, match=message):
+        ijb.load_meta(root, "IJBC")
+
+
+def test_missing_meta_and_wrong_feature_shape(ijb_root, tmp_path):
+    with pytest.raises(ValueError, match=r"ijbb_face_tid_mid\.txt does not exist"):
+        ijb.load_meta(ijb_root[0], "IJBB")
+    np.save(tmp_path / "f.npy", np.zeros((3, 8), np.float32))
+    with pytest.raises(ValueError, match=r"f\.npy: shape \[3, 8\], expected \[\d+, 2D\]"):
+        eval_ijbc.main(["--features", str(tmp_path / "f.npy"), "--image-path", ijb_root[0],
+                        "--result-dir", str(tmp_path)])
+
+
+def test_cli_refuses_conflicting_inputs(ijb_root, tmp_path):
+    root = ijb_root[0]
+    with pytest.raises(SystemExit, match="exactly one of --model-prefix"):
+        eval_ijbc.main(["--image-path", root, "--result-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="do not combine them with --model-prefix or --features"):
+        eval_ijbc.main(["--image-path", root, "--features", "f.npy", "--compare", "a.npy"])
+    with pytest.raises(ValueError, match=r"missing\.pt does not exist"):
+        eval_ijbc.main(["--image-path", root, "--model-prefix", str(tmp_path / "missing.pt"),
+                        "--network", "tiny_s"])

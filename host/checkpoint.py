@@ -163,17 +163,26 @@ class CheckpointManager:
         return dict(common, saved_world_size=saved_world), shards
 
     def load_latest(self) -> Optional[Tuple[str, Dict[str, Any], List[Dict[str, Any]]]]:
-        """The newest checkpoint that loads completely, or None.  Corrupt ones are skipped with a
+        """The newest checkpoint that loads completely on EVERY rank, or None.
+
+        Ranks agree collectively (one all-reduce per candidate), so a file that only one rank
+        fails to read makes all ranks fall back together.  Unusable checkpoints are skipped with a
         warning naming them."""
         rank, world = rank_and_world()
         for path in self.list():
             try:
-                common, shards = self._read(path, rank, world)
+                loaded = self._read(path, rank, world)
+                error = ""
             except (ValueError, OSError, RuntimeError, KeyError, EOFError,
                     pickle.UnpicklingError) as err:
-                LOG.warning("checkpoint %s is unusable (%s); trying the one before", path, err)
-                continue
-            return path, common, shards
+                loaded, error = None, str(err)
+            usable = torch.tensor([0 if loaded is None else 1])
+            if world > 1:
+                dist.all_reduce(usable, op=dist.ReduceOp.MIN)
+            if int(usable) == 1:
+                return (path,) + loaded
+            LOG.warning("checkpoint %s is unusable (%s); trying the one before", path,
+                        error or "another rank could not read its part")
         return None
 
     @staticmethod

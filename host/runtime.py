@@ -2,6 +2,7 @@
 seeds, and arcface_torch-style logging."""
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import random
@@ -13,15 +14,18 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed() -> Tuple[int, int, int, torch.device]:
+def init_distributed(timeout_minutes: float = 60.0) -> Tuple[int, int, int, torch.device]:
     """Join the process group torchrun describes (nccl on CUDA, gloo on CPU), or run alone.
 
+    ``timeout_minutes`` bounds how long ranks wait for each other in a collective: long enough
+    for rank 0's verification and checkpoint writing while the others wait.
     Returns ``(rank, world_size, local_rank, device)``."""
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))

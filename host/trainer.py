@@ -106,7 +106,9 @@ def train(cfg) -> dict:
     if cuda:
         student = student.to(memory_format=torch.channels_last)
     teacher = build_teacher_source(cfg, device=device)
+    torch.manual_seed(cfg.seed + 1 + rank)   # class shards start from different noise per rank
     head = build_head(cfg).to(device)
+    torch.manual_seed(cfg.seed + 1000 + rank)
     model = student
     if world > 1:
         model = DistributedDataParallel(student, device_ids=[device.index] if cuda else None)
@@ -126,8 +128,12 @@ def train(cfg) -> dict:
             path, common, shards = found
             student.load_state_dict(common["backbone"])
             CheckpointManager.restore(common, shards, head, optimizer)
-            scaler.load_state_dict(common["scaler"])
+            if common["scaler"]:                 # a disabled scaler (fp32, CPU) saved {}
+                scaler.load_state_dict(common["scaler"])
             epoch, step, consumed = common["epoch"], common["global_step"], common["consumed"]
+            if common["saved_world_size"] != world:
+                # the same point of training in this world's steps (the schedule is per step)
+                step = epoch * steps_per_epoch + consumed // (global_batch * acc)
             LOG.info("resumed from %s (epoch %d, step %d, %d samples into the epoch, saved on %d "
                      "ranks)", path, epoch, step, consumed, common["saved_world_size"])
             if consumed >= steps_per_epoch * global_batch * acc:
@@ -202,6 +208,8 @@ def train(cfg) -> dict:
                 continue
             nonfinite_in_row = 0
             scaler.unscale_(optimizer)
+            if scaler.is_enabled() and world > 1:
+                _share_found_inf(scaler, optimizer)
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
@@ -242,6 +250,15 @@ def train(cfg) -> dict:
     LOG.info("finished: %d steps, last loss %.4f, %d skipped steps; model at %s", step,
              last_loss, skipped_steps, os.path.join(cfg.output, "model.pt"))
     return summary
+
+
+def _share_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """Make GradScaler's skip decision global: the sharded head weights are outside DDP, so an
+    inf in one rank's shard would make only that rank skip the step and lower its scale."""
+    import torch.distributed as dist
+    state = scaler._per_optimizer_states[id(optimizer)]
+    for found in state["found_inf_per_device"].values():
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
 
 
 def _learned_classifier(head: nn.Module, num_classes: int) -> Optional[torch.Tensor]:

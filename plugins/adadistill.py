@@ -210,7 +210,11 @@ class AdaDistillHead(nn.Module):
             s_hat = F.normalize(student_all.detach().float(), dim=1)
             t_hat = F.normalize(teacher_all.float(), dim=1)
             cos_st = (s_hat * t_hat).sum(dim=1).clamp(-1.0, 1.0)
-            idx = torch.nonzero((local >= 0) & (local < self.num_local)).squeeze(1)
+            # a non-finite student or teacher embedding (fp16 overflow) must not poison its
+            # center for the rest of the run: such samples update nothing (same on every rank,
+            # since every rank sees the same gathered batch); the loss still reports them
+            finite = torch.isfinite(cos_st) & torch.isfinite(t_hat).all(dim=1)
+            idx = torch.nonzero((local >= 0) & (local < self.num_local) & finite).squeeze(1)
             update = update_centers_(self.centers, local[idx], t_hat[idx], cos_st[idx],
                                      self.alpha)
             owned_sums = all_reduce(torch.stack([update.alpha_weighted.sum(),

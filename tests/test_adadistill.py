@@ -304,3 +304,21 @@ def test_state_saved_on_4_ranks_reloads_on_1_and_2(runs):
     for rank in range(2):
         torch.testing.assert_close(two[rank], runs[2][rank]["arc-weighted"]["state"]["centers"],
                                    **TOL)
+
+
+def test_non_finite_sample_does_not_poison_its_center():
+    torch.manual_seed(0)
+    head = AdaDistillHead(8, 5, margin="arcface", s=16.0, m=0.3)
+    student, teacher = torch.randn(4, 8), torch.randn(4, 8)
+    labels = torch.tensor([0, 1, 2, 3])
+    before = head.centers.clone()
+    bad = student.clone()
+    bad[1] = float("inf")                       # fp16 overflow in one student embedding
+    bad_teacher = teacher.clone()
+    bad_teacher[2] = float("nan")               # and one broken teacher embedding
+    loss = head(bad, bad_teacher, labels)
+    assert not torch.isfinite(loss)             # the trainer skips this step
+    assert torch.isfinite(head.centers).all()
+    torch.testing.assert_close(head.centers[1:3], before[1:3])   # bad samples updated nothing
+    assert not torch.equal(head.centers[0], before[0])           # good ones did
+    assert torch.isfinite(head(student, teacher, labels))        # the run goes on

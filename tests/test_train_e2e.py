@@ -128,13 +128,15 @@ def test_two_process_checkpoint_resumes_on_one_process(workdir):
     run_distributed(_train_one, 2, args=(cfg,))
     saved = torch.load(os.path.join(cfg.output, "checkpoints", "step_000000003", "rank_1.pt"),
                        weights_only=True)
-    cfg1 = job_config(workdir, "reshard", distill="adadistill", max_steps=6, save_every=3,
-                      batch_size=16, resume=True)
+    # one process with the same per-process batch: the global batch halves, so the 48 samples
+    # already seen are 6 of the new steps, and the schedule continues from there
+    cfg1 = job_config(workdir, "reshard", distill="adadistill", max_steps=9, save_every=3,
+                      resume=True)
     summary = run_distributed(_train_one, 1, args=(cfg1,))[0]
-    assert summary["steps"] == 6 and len(summary["losses"]) == 3
+    assert summary["steps"] == 9 and len(summary["losses"]) == 3
     log = open(os.path.join(cfg.output, "training.log")).read()
-    assert "step 3" in log and "saved on 2 ranks" in log
-    resumed = torch.load(os.path.join(cfg.output, "checkpoints", "step_000000006", "rank_0.pt"),
+    assert "(epoch 0, step 6, 48 samples into the epoch, saved on 2 ranks)" in log
+    resumed = torch.load(os.path.join(cfg.output, "checkpoints", "step_000000009", "rank_0.pt"),
                          weights_only=True)
     assert resumed["world_size"] == 1 and saved["world_size"] == 2
     assert resumed["head"]["centers"].shape[0] == NUM_IDS

@@ -123,20 +123,28 @@ def head_loss(head: nn.Module, method: str, student: torch.Tensor,
     return head(student, teacher, labels)
 
 
-def build_teacher_source(cfg, dataset_root: Optional[str] = None, device=None):
+def build_teacher_source(cfg, device=None, num_images: Optional[int] = None):
     """The teacher-embedding source of a run, or None when the method needs no teacher.
 
     Both sources answer ``teacher_embeddings(images [B,3,112,112], index [B], flipped [B])`` with
-    fp32 embeddings [B, D_t]: the cache looks them up, the hook runs the frozen teacher."""
+    fp32 embeddings [B, D_t]: the cache (``cfg.teacher_cache``, checked against the teacher
+    checkpoint, network, dataset and ``num_images``) looks them up, the hook runs the frozen
+    teacher."""
     if cfg.distill not in NEEDS_TEACHER:
         return None
     if cfg.teacher_cache:
-        from plugins.teacher_cache import TeacherEmbeddingCache
-        from host.teacher_cache_build import expected_meta
-        return TeacherEmbeddingCache(cfg.teacher_cache, expect=expected_meta(cfg),
-                                     force=cfg.teacher_cache_force)
+        from host.teacher_cache_build import open_teacher_cache
+        return open_teacher_cache(cfg, num_images=num_images, force=cfg.teacher_cache_force)
     from plugins.teacher import build_teacher
     return build_teacher(cfg.teacher_network, cfg.teacher_checkpoint,
                          embedding_size=cfg.teacher_embedding_size, device=device,
                          fp16=cfg.teacher_fp16)
 
+
+def teacher_class_means(cfg, teacher) -> Optional[torch.Tensor]:
+    """GKD without a teacher classifier: per-class means of the cached teacher embeddings
+    ([C, D_t], one pass over the cache); None when the config names a classifier."""
+    if cfg.distill != "gkd" or cfg.teacher_classifier:
+        return None
+    from host.teacher_cache_build import class_mean_classifier_from_cache
+    return class_mean_classifier_from_cache(teacher, None, cfg.num_classes)

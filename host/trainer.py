@@ -19,7 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from host.checkpoint import CheckpointManager, atomic_torch_save
-from host.factory import build_head, build_teacher_source, check_config, head_loss
+from host.factory import (build_head, build_teacher_source, check_config, head_loss,
+                          teacher_class_means)
 from host.lr_schedule import schedule_from_config
 from host.runtime import exact_gradient_hook, init_distributed, seed_everything, setup_logging
 from plugins.sharded_state import gather_full_table
@@ -105,9 +106,9 @@ def train(cfg) -> dict:
     student = resolve_model(cfg.network, num_features=cfg.embedding_size, fp16=cfg.fp16).to(device)
     if cuda:
         student = student.to(memory_format=torch.channels_last)
-    teacher = build_teacher_source(cfg, device=device)
+    teacher = build_teacher_source(cfg, device=device, num_images=len(dataset))
     torch.manual_seed(cfg.seed + 1 + rank)   # class shards start from different noise per rank
-    head = build_head(cfg).to(device)
+    head = build_head(cfg, teacher_classifier=teacher_class_means(cfg, teacher)).to(device)
     torch.manual_seed(cfg.seed + 1000 + rank)
     model = student
     if world > 1:

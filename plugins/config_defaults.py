@@ -24,7 +24,8 @@ DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
                                  "AdaDistill centers, GKD teacher logits)"),
     "teacher_fp16": (True, "teacher forward under autocast (CUDA only)"),
     "teacher_cache": (None, "folder of a teacher-embedding cache; None runs the teacher online"),
-    "teacher_cache_force": (False, "use the cache even with augmentation other than flip"),
+    "teacher_cache_force": (False, "serve a cache whose metadata (teacher, dataset, size) does "
+                                   "not match the run, with a warning -- only if you know why"),
     "flip": (True, "random horizontal flip, the only augmentation (the cache relies on it)"),
     "gkd_temperature": (4.0, "GKD temperature T"),
     "gkd_alpha": (1.0, "GKD weight of Binary-KD"),

@@ -10,50 +10,9 @@ import time
 import pytest
 import torch
 
-from host.config import get_config
-from host.synthetic import write_train_set
 from plugins.backbones import get_model
 from tests.distributed_harness import run_distributed
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_IDS, PER_ID = 16, 8
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """Synthetic data and a teacher trained briefly with the standalone head (its model.pt and
-    learned classifier.pt are what the distillation runs load)."""
-    from host.trainer import train
-    root = tmp_path_factory.mktemp("train")
-    write_train_set(str(root / "data"), NUM_IDS, PER_ID, seed=3)
-    (root / "configs").mkdir()
-    shutil.copy(os.path.join(REPO, "configs", "base.py"), root / "configs" / "base.py")
-    teacher = job_config(root, "teacher", distill="none", network="tiny_t", max_steps=30,
-                         lr=0.1, batch_size=16, num_epoch=100)
-    summary = train(teacher)
-    assert summary["losses"][-1] < summary["losses"][0]
-    for name in ("model.pt", "classifier.pt"):
-        shutil.copy(os.path.join(teacher.output, name),
-                    root / ("teacher.pt" if name == "model.pt" else name))
-    return root
-
-
-def job_config(root, name, **overrides):
-    """A tiny job config file in root/configs, loaded with the real loader."""
-    values = dict(network="tiny_s", teacher_network="tiny_t",
-                  teacher_checkpoint=str(root / "teacher.pt"),
-                  teacher_classifier=str(root / "classifier.pt"),
-                  margin_list=(1.0, 0.0, 0.35), margin_scale=16.0, rec=str(root / "data"),
-                  num_classes=NUM_IDS, num_image=NUM_IDS * PER_ID, num_epoch=3, batch_size=8,
-                  lr=0.05, lr_schedule="step", lr_steps=(), num_workers=0, val_targets=[],
-                  frequent=100, save_every=1000, seed=5, output=str(root / "runs" / name),
-                  gkd_k=4, gkd_warmup_epochs=0)
-    values.update(overrides)
-    lines = ["from easydict import EasyDict as edict", "config = edict()"]
-    lines += [f"config.{k} = {v!r}" for k, v in values.items()]
-    (root / "configs" / f"{name}.py").write_text("\n".join(lines) + "\n")
-    return get_config(f"configs/{name}", root=str(root))
-
+from tests.training_helpers import NUM_IDS, REPO, job_config
 
 def _train_methods(rank, world, configs):
     from host.trainer import train

@@ -1,23 +1,17 @@
 """The training loop's guards: non-finite losses are skipped and counted, and too many in a row
 stop the run with a clear message; start-up checks name the config key."""
 import os
-import shutil
 
 import pytest
 import torch
 
 import host.trainer as trainer
-from host.synthetic import write_train_set
-from tests.test_train_e2e import NUM_IDS, PER_ID, REPO, job_config
+from tests.training_helpers import job_config
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("guards")
-    write_train_set(str(root / "data"), NUM_IDS, PER_ID, seed=1)
-    (root / "configs").mkdir()
-    shutil.copy(os.path.join(REPO, "configs", "base.py"), root / "configs" / "base.py")
-    return root
+@pytest.fixture
+def root(workdir):
+    return workdir
 
 
 def _nan_on(calls_to_poison):

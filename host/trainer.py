@@ -22,7 +22,8 @@ from host.checkpoint import CheckpointManager, atomic_torch_save
 from host.factory import (build_head, build_teacher_source, check_config, head_loss,
                           teacher_class_means)
 from host.lr_schedule import schedule_from_config
-from host.runtime import exact_gradient_hook, init_distributed, seed_everything, setup_logging
+from host.runtime import (configure_cpu_threads, exact_gradient_hook, init_distributed,
+                          seed_everything, setup_logging)
 from plugins.sharded_state import gather_full_table
 
 LOG = logging.getLogger("train_distill")
@@ -81,6 +82,8 @@ def train(cfg) -> dict:
     rank, world, _, device = init_distributed()
     setup_logging(cfg.output, rank)
     check_config(cfg)
+    if device.type == "cpu":
+        LOG.info("CPU: %d intra-op threads per process", configure_cpu_threads(cfg.num_workers))
     seed_everything(cfg.seed)
     cuda = device.type == "cuda"
 

@@ -1,6 +1,15 @@
-import pytest
+import os
 
-from tests.training_helpers import make_workdir
+# One intra-op thread per test process (and the subprocesses and spawned ranks it starts): on a
+# small shared CPU, OpenMP threads that wait for a busy core make small steps many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from tests.training_helpers import make_workdir  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -38,3 +38,15 @@ def check_face_batch(x: torch.Tensor, network: str) -> None:
         raise ValueError(
             f"{network} expects aligned RGB faces of shape [B, 3, {INPUT_SIZE}, {INPUT_SIZE}] "
             f"normalised as (x / 255 - 0.5) / 0.5, got {list(x.shape)}")
+
+
+def init_mobilefacenet_weights(model: torch.nn.Module) -> None:
+    """The MobileFaceNets' initialisation: Kaiming-normal (fan_out) convs and linears, BN scale 1
+    and shift 0."""
+    nn = torch.nn
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)

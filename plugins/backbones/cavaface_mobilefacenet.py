@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_face_batch, trunk_autocast
+from ._common import check_face_batch, init_mobilefacenet_weights, trunk_autocast
 from ._registry import register_model
 
 
@@ -127,16 +127,7 @@ class CavaMobileFaceNet(nn.Module):
         self.conv_5 = ResidualStage(128, num_blocks=2, hidden=256)
         self.conv_6_sep = ConvUnit(128, 512)
         self.output_layer = GDCHead(512, num_features)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """Kaiming-normal (fan_out) convs and linears, BN scale 1 and shift 0."""
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_mobilefacenet_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, 3, 112, 112]`` -> embeddings ``[B, num_features]`` (float32)."""

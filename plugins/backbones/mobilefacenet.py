@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ._common import check_face_batch, trunk_autocast
+from ._common import check_face_batch, init_mobilefacenet_weights, trunk_autocast
 from ._registry import register_model
 
 
@@ -164,16 +164,7 @@ class MobileFaceNet(nn.Module):
         ])
         self.conv_sep = ConvBlock(wide, 512)
         self.features = GDC(num_features)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """Kaiming-normal (fan_out) convs and linears, BN scale 1 and shift 0."""
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_mobilefacenet_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, 3, 112, 112]`` -> embeddings ``[B, num_features]``."""

@@ -53,6 +53,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+CONFIG_LOGGER = "train_distill.config"
+
+
 def setup_logging(output: str, rank: int) -> logging.Logger:
     """Rank 0 logs to stdout and ``output/training.log`` in arcface_torch's format
     (``Training: %(asctime)s-%(message)s``); other ranks log warnings only."""
@@ -71,6 +74,14 @@ def setup_logging(output: str, rank: int) -> logging.Logger:
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
+    # the full config goes to training.log only, not to the console
+    config_logger = logging.getLogger(CONFIG_LOGGER)
+    config_logger.propagate = False
+    for handler in list(config_logger.handlers):
+        config_logger.removeHandler(handler)
+    if rank == 0:
+        config_logger.addHandler(handlers[0])
+        config_logger.setLevel(logging.INFO)
     return logger
 
 

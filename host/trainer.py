@@ -22,7 +22,7 @@ from host.checkpoint import CheckpointManager, atomic_torch_save
 from host.factory import (build_head, build_teacher_source, check_config, head_loss,
                           teacher_class_means)
 from host.lr_schedule import schedule_from_config
-from host.runtime import (configure_cpu_threads, exact_gradient_hook, init_distributed,
+from host.runtime import (CONFIG_LOGGER, configure_cpu_threads, exact_gradient_hook, init_distributed,
                           seed_everything, setup_logging)
 from plugins.sharded_state import gather_full_table
 
@@ -148,8 +148,9 @@ def train(cfg) -> dict:
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(cfg.output, "tensorboard"))
+        config_log = logging.getLogger(CONFIG_LOGGER)
         for key in sorted(cfg):
-            LOG.info("%-28s %r", key, cfg[key])
+            config_log.info("%-28s %r", key, cfg[key])
         if cfg.get("val_targets") and cfg.verbose > 0:
             from host.verification import VerificationCallback
             verifier = VerificationCallback(cfg.val_targets, cfg.rec, summary_writer=writer)

@@ -99,3 +99,24 @@ def test_two_process_checkpoint_resumes_on_one_process(workdir):
                          weights_only=True)
     assert resumed["world_size"] == 1 and saved["world_size"] == 2
     assert resumed["head"]["centers"].shape[0] == NUM_IDS
+
+
+def test_torchrun_command_and_cache_build_flag(workdir):
+    """The documented commands themselves: torchrun with 2 processes, and --build-teacher-cache."""
+    cache = str(workdir / "cli_cache")
+    cfg = job_config(workdir, "cli_run", distill="adadistill", max_steps=2, teacher_cache=cache)
+    build = subprocess.run([sys.executable, os.path.join(REPO, "train_distill.py"),
+                            "configs/cli_run", "--build-teacher-cache"], cwd=str(workdir),
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert os.path.isfile(os.path.join(cache, "meta.json"))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", os.path.join(REPO, "train_distill.py"),
+                          "configs/cli_run"], cwd=str(workdir), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = open(os.path.join(cfg.output, "training.log")).read()
+    assert "finished: 2 steps" in log
+    saved = torch.load(os.path.join(cfg.output, "checkpoints", "step_000000002", "rank_1.pt"),
+                       weights_only=True)
+    assert saved["world_size"] == 2

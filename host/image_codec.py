@@ -86,12 +86,17 @@ def decode_rgb(data: bytes) -> np.ndarray:
     bytes are not a decodable image."""
     if not data:
         raise ValueError("empty image data")
+    data = bytes(data)
     try:
-        img = get_decoder("auto")(bytes(data))
-    except ValueError:
-        raise
+        img = get_decoder("auto")(data)
     except Exception as exc:    # each library has its own error types; report them uniformly
-        raise ValueError(f"undecodable image ({type(exc).__name__}: {exc})") from exc
+        if data[:2] == b"\xff\xd8" or _auto_name == "pillow":
+            raise ValueError(f"undecodable image ({type(exc).__name__}: {exc})") from exc
+        # not a JPEG (e.g. a PNG record, which mxnet's imdecode accepts): Pillow reads most formats
+        try:
+            img = get_decoder("pillow")(data)
+        except Exception as exc2:
+            raise ValueError(f"undecodable image ({type(exc2).__name__}: {exc2})") from exc2
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"decoded image has shape {img.shape}, expected [H, W, 3]")
     return img

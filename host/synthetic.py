@@ -21,6 +21,7 @@ Command line (writes ``train.rec/.idx``, ``property``, ``<name>.bin`` and ``<IJB
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import math
 import multiprocessing
 import os
@@ -329,6 +330,19 @@ def _star_identity_jpegs(job: Tuple[int, int, int]) -> List[bytes]:
     return _identity_jpegs(*job)
 
 
+def _render_pool(workers: int) -> Optional[concurrent.futures.ProcessPoolExecutor]:
+    """Spawned renderer processes, or None for rendering in this process.
+
+    Spawned children re-import the caller's main module; when it has no file (``python -``, a
+    notebook) that fails, so those callers render in-process.  ProcessPoolExecutor raises
+    BrokenProcessPool if a child dies (multiprocessing.Pool would respawn it forever and hang)."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if workers <= 1 or not (main_file and os.path.isfile(main_file)):
+        return None
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def write_train_set(root: str, num_ids: int, images_per_id: int, seed: int = 0,
                     first_id: int = 0, workers: int = 1, verbose: bool = False
                     ) -> Dict[str, object]:
@@ -357,9 +371,9 @@ def write_train_set(root: str, num_ids: int, images_per_id: int, seed: int = 0,
     n = num_ids * images_per_id
     progress = _Progress(f"train set {root}", n, verbose)
     jobs = [(seed, first_id + c, images_per_id) for c in range(num_ids)]
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    pool = _render_pool(workers)
     try:
-        per_id = pool.imap(_star_identity_jpegs, jobs) if pool else \
+        per_id = pool.map(_star_identity_jpegs, jobs) if pool else \
             (_identity_jpegs(*job) for job in jobs)
         with RecordWriter(os.path.join(root, "train.rec"), os.path.join(root, "train.idx")) as w:
             key = 1
@@ -374,7 +388,7 @@ def write_train_set(root: str, num_ids: int, images_per_id: int, seed: int = 0,
             w.write(0, make_header([n + 1, n + 1 + num_ids], id=0, id2=1))
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(cancel_futures=True)
     _atomic_write(os.path.join(root, "property"), f"{num_ids},112,112".encode())
     labels = np.repeat(np.arange(num_ids, dtype=np.int64), images_per_id)
     return {"root": root, "num_classes": num_ids, "num_images": n, "labels": labels}

@@ -230,3 +230,15 @@ def test_codec_decoders_agree_and_bad_bytes_raise():
         encode_jpeg(rgb.astype(np.float32))
     with pytest.raises(ValueError, match="unknown JPEG decoder 'turbo'"):
         get_decoder("turbo")
+
+
+def test_png_record_decodes_through_the_fallback():
+    import cv2
+    from host.image_codec import decode_rgb
+    rgb = np.zeros((112, 112, 3), dtype=np.uint8)
+    rgb[10:20, 30:40] = (200, 100, 50)
+    ok, png = cv2.imencode(".png", rgb[:, :, ::-1])
+    assert ok
+    np.testing.assert_array_equal(decode_rgb(png.tobytes()), rgb)
+    with pytest.raises(ValueError, match="undecodable image"):
+        decode_rgb(b"\xff\xd8 not really a jpeg")

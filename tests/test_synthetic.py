@@ -136,3 +136,18 @@ def test_cli_writes_every_set(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "wrote 4 images of 2 identities" in captured.out
     assert "train set" in captured.err                           # progress lines
+
+
+def test_parallel_train_set_from_stdin_script_does_not_hang(tmp_path):
+    """Spawned renderers need an importable main module; from `python -` they cannot start, so
+    rendering falls back to this process instead of respawning dying workers forever."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (f"import sys; sys.path.insert(0, {repo!r})\n"
+              f"from host.synthetic import write_train_set\n"
+              f"print(write_train_set({str(tmp_path / 'x')!r}, 2, 3, workers=2)['num_images'])\n")
+    out = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "6"

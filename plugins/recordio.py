@@ -254,7 +254,16 @@ class RecordReader:
             # inherited copies only affects this process.
             self.close()
             f = open(self.rec_path, "rb")
-            size = os.fstat(f.fileno()).st_size
+            stat = os.fstat(f.fileno())
+            identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            first = getattr(self, "_identity", None)
+            if first is not None and identity != first:
+                f.close()
+                raise RuntimeError(f"{self.rec_path} was replaced or modified after it was first "
+                                   f"opened (its .idx offsets may no longer match); restart the "
+                                   f"job so every process reads the same file")
+            self._identity = identity
+            size = stat.st_size
             self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
             self._file, self._pid = f, pid
         return self._buf

@@ -210,3 +210,19 @@ def test_writer_is_atomic_and_rejects_bad_keys(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.idx", "a.rec"]
     with pytest.raises(ValueError, match="pack: header.flag=2 but 1 labels given"):
         pack(IRHeader(2, np.ones(1, np.float32), 0, 0), b"")
+
+
+def test_file_replaced_after_first_open_is_refused_on_reopen(tmp_path):
+    """A worker process reopens the .rec; if the file was regenerated meanwhile, it must fail
+    loudly instead of reading the new file with the old index offsets."""
+    import pickle
+    rec, idx = str(tmp_path / "a.rec"), str(tmp_path / "a.idx")
+    for payload in (b"first", b"second-version"):
+        with RecordWriter(rec, idx) as w:
+            w.write(0, make_header(1.0), payload)
+        if payload == b"first":
+            reader = RecordReader(rec, idx)
+            assert reader.read(0)[1] == b"first"
+    in_worker = pickle.loads(pickle.dumps(reader))   # what a DataLoader worker receives
+    with pytest.raises(RuntimeError, match="a.rec was replaced or modified"):
+        in_worker.read(0)

@@ -520,7 +520,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--num-ids", type=int, default=50, help="training identities (classes)")
     ap.add_argument("--images-per-id", type=int, default=20, help="training images per identity")
     ap.add_argument("--seed", type=int, default=0, help="generator seed")
-    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    ap.add_argument("--workers", type=int, default=1,
                     help="processes rendering the training set (output identical for any value)")
     ap.add_argument("--bins", default="lfw,cfp_fp",
                     help="comma-separated verification sets to write as <out>/<name>.bin ('' for none)")

@@ -151,3 +151,12 @@ def test_parallel_train_set_from_stdin_script_does_not_hang(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "6"
+
+
+def test_parallel_rendering_writes_identical_files(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    syn.write_train_set(one, 3, 4, seed=7, workers=1)
+    syn.write_train_set(two, 3, 4, seed=7, workers=2)
+    for name in ("train.rec", "train.idx", "property"):
+        with open(os.path.join(one, name), "rb") as a, open(os.path.join(two, name), "rb") as b:
+            assert a.read() == b.read(), name

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from plugins.config_defaults import METHODS
+from plugins.teacher import check_embedding_sizes
 
 
 # arcface_torch job keys the distillation code reads (a fork's base.py does not define them).
@@ -45,11 +46,7 @@ def check_config(cfg) -> None:
     if cfg.get("interclass_filtering_threshold", 0) not in (0, 0.0):
         raise ValueError("config key 'interclass_filtering_threshold' must be 0 (not supported)")
     method = cfg.distill
-    if method in ("adadistill", "arcdistill", "cosdistill", "feature_mse") and \
-            cfg.teacher_embedding_size != cfg.embedding_size:
-        raise ValueError(f"distill='{method}' compares student and teacher embeddings, so "
-                         f"embedding_size ({cfg.embedding_size}) must equal "
-                         f"teacher_embedding_size ({cfg.teacher_embedding_size})")
+    check_embedding_sizes(method, cfg.embedding_size, cfg.teacher_embedding_size)
     if method in ("arcdistill", "cosdistill", "gkd") and not cfg.teacher_classifier \
             and not (method == "gkd" and cfg.teacher_cache):
         raise ValueError(f"distill='{method}' needs the teacher's classifier: set config key "

@@ -49,8 +49,8 @@ def test_startup_checks_name_the_key(root):
     with pytest.raises(FileNotFoundError, match="'teacher_checkpoint' = .*missing.pt"):
         trainer.train(cfg)
     cfg = job_config(root, "dims", distill="adadistill", teacher_embedding_size=256)
-    with pytest.raises(ValueError, match=r"embedding_size \(512\) must equal "
-                                         r"teacher_embedding_size \(256\)"):
+    with pytest.raises(ValueError, match=r"distill='adadistill' needs .*embedding_size=512 "
+                                         r"\(student\) and teacher_embedding_size=256"):
         trainer.train(cfg)
     cfg = job_config(root, "fixed", distill="arcdistill", teacher_classifier=None,
                      margin_list=(1.0, 0.5, 0.0))

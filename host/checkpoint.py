@@ -29,20 +29,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from host.atomic_io import atomic_torch_save
 from plugins.distributed import rank_and_world
 from plugins.sharded_state import reshard_state
 
 LOG = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary name in the same folder, then rename over ``path``."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _barrier() -> None:

@@ -36,7 +36,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from host.image_codec import decode_rgb
-from host.model_io import Embedder, atomic_output, save_npy, save_text
+from host.atomic_io import atomic_output, save_npy, save_text
+from host.model_io import Embedder
 
 LOG = logging.getLogger(__name__)
 

@@ -10,10 +10,9 @@ and returning ``[B, D]`` float32 on the CPU.  The pixel normalisation lives here
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from typing import Iterator, List, Optional, Protocol
+from typing import List, Optional, Protocol
 
 import numpy as np
 import torch
@@ -156,35 +155,3 @@ def load_embedder(model_path: str,
         backbone = backbone.to(memory_format=torch.channels_last)
     return TorchEmbedder(backbone, dev, autocast=autocast,
                          description=f"{network}:{os.path.basename(model_path)}")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str, mode: str = "wb") -> Iterator:
-    """Open a temporary file next to ``path``; on success fsync it and rename it over ``path``.
-
-    A crash or exception leaves ``path`` untouched (the temporary file is removed).
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_npy(path: str, array: np.ndarray) -> None:
-    """``np.save`` atomically (no pickle; exactly ``path``, no ``.npy`` appended)."""
-    with atomic_output(path) as handle:
-        np.save(handle, np.asarray(array), allow_pickle=False)
-
-
-def save_text(path: str, text: str) -> None:
-    """Write ``text`` (UTF-8) atomically."""
-    with atomic_output(path, "w") as handle:
-        handle.write(text)

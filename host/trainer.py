@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from host.checkpoint import CheckpointManager, atomic_torch_save
+from host.atomic_io import atomic_torch_save
+from host.checkpoint import CheckpointManager
 from host.factory import (build_head, build_teacher_source, check_config, head_loss,
                           teacher_class_means)
 from host.lr_schedule import schedule_from_config

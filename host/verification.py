@@ -307,7 +307,8 @@ def main(argv: Optional[List[str]] = None) -> List[VerificationResult]:
     import dataclasses
     import json
 
-    from host.model_io import load_embedder, save_text
+    from host.atomic_io import save_text
+    from host.model_io import load_embedder
 
     parser = argparse.ArgumentParser(description="10-fold verification on .bin sets")
     parser.add_argument("--model-prefix", required=True, help="backbone checkpoint or .onnx")

@@ -16,8 +16,8 @@ DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
     "alpha": ("weighted", "AdaDistill EMA rate: weighted (the paper's alpha', default) | plain"),
     "margin_scale": (64.0, "scale s of the margin softmax (ArcFace / CosFace)"),
     "feature_kd_weight": (1.0, "feature_mse: weight lambda of the embedding MSE added to the margin loss"),
-    "teacher_network": ("r50", "teacher backbone name (fork's backbones first, then the bundled ones); "
-                               "'onnx' for an insightface .onnx recognition model"),
+    "teacher_network": ("r50", "teacher backbone name (fork's backbones first, then the bundled "
+                               "ones); 'onnx' for an insightface .onnx recognition model"),
     "teacher_checkpoint": (None, "teacher backbone weights: arcface_torch backbone.pth / model.pt, "
                                  "or the .onnx file when teacher_network = 'onnx'"),
     "teacher_embedding_size": (512, "teacher embedding size"),

@@ -25,6 +25,7 @@ with the configured ``D``, naming what the model expects.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -47,7 +48,7 @@ Dim = Union[int, str, None]     # a fixed size, a symbolic name, or unknown
 def _import(name: str):
     """``onnx`` / ``onnxruntime``, with a clear error when it is not installed."""
     try:
-        return __import__(name)
+        return importlib.import_module(name)
     except ImportError as err:
         raise ImportError(f"teacher_network='onnx' needs the '{name}' package: "
                           f"pip install {name} (onnxruntime-gpu for CUDA); see "
@@ -305,8 +306,9 @@ class OnnxTeacher(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher embeddings ``f_t [B, D]`` (fp32, not normalised) of ``images [B, 3, H, W]``."""
         if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(f"OnnxTeacher expects images [B, {', '.join(map(str, self.image_shape))}]"
-                             f", got {list(images.shape)}")
+            shape = ", ".join(map(str, self.image_shape))
+            raise ValueError(f"OnnxTeacher expects images [B, {shape}], got "
+                             f"{list(images.shape)}")
         out = self._run(self.model_input(images))
         expect = self.embedding_size
         if out.ndim != 2 or out.shape[0] != images.shape[0] or (

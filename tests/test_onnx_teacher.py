@@ -236,6 +236,15 @@ def test_wrong_image_batch_is_refused_at_call(tmp_path):
         teacher(torch.zeros(2, 3, 96, 96))
 
 
+def test_symbolic_output_size_is_checked_at_call(tmp_path):
+    path = str(tmp_path / "rec.onnx")
+    _graph(path, dim=8, output_shape=["N", "D"])
+    teacher = OnnxTeacher(path, embedding_size=16)          # D unknown until it runs
+    with pytest.raises(RuntimeError, match=r"returned shape \[2, 8\].*expected \[2, 16\]"):
+        teacher(torch.zeros(2, 3, 112, 112))
+    assert OnnxTeacher(path, embedding_size=8)(torch.zeros(2, 3, 112, 112)).shape == (2, 8)
+
+
 @pytest.mark.parametrize("network, checkpoint, match", [
     ("onnx", "teacher.pt", "teacher_network = 'onnx' needs the teacher's .onnx"),
     ("r50", "w600k_r50.onnx", "set teacher_network = 'onnx'"),
@@ -249,3 +258,30 @@ def test_config_keys_go_together(workdir, network, checkpoint, match):
 def test_example_config_loads():
     cfg = get_config("configs/example_onnx_w600k_r50_adadistill", root=REPO)
     assert cfg.teacher_network == "onnx" and cfg.teacher_checkpoint.endswith(".onnx")
+
+
+def test_plugin_imports_without_onnx_and_says_what_is_missing(tmp_path):
+    """plugins/ stays torch/numpy/stdlib at import time; building the teacher without onnxruntime
+    names the package to install."""
+    path = str(tmp_path / "rec.onnx")
+    _graph(path)
+    code = ("import sys; sys.modules['onnx'] = None; sys.modules['onnxruntime'] = None\n"
+            "import plugins.onnx_teacher as m, plugins.teacher\n"
+            "try:\n    m.OnnxTeacher(sys.argv[1])\nexcept ImportError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code, path], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "teacher_network='onnx' needs the 'onnx' package: pip install onnx" in run.stdout
+
+
+def test_providers_cuda_when_available_on_the_runs_gpu(monkeypatch):
+    import onnxruntime
+
+    from plugins.onnx_teacher import default_providers
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert default_providers(torch.device("cuda", 3)) == [
+        ("CUDAExecutionProvider", {"device_id": 3}), "CPUExecutionProvider"]
+    assert default_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert default_providers(torch.device("cuda", 0)) == ["CPUExecutionProvider"]

@@ -16,8 +16,10 @@ DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
     "alpha": ("weighted", "AdaDistill EMA rate: weighted (the paper's alpha', default) | plain"),
     "margin_scale": (64.0, "scale s of the margin softmax (ArcFace / CosFace)"),
     "feature_kd_weight": (1.0, "feature_mse: weight lambda of the embedding MSE added to the margin loss"),
-    "teacher_network": ("r50", "teacher backbone name (fork's backbones first, then the bundled ones)"),
-    "teacher_checkpoint": (None, "teacher backbone weights: arcface_torch backbone.pth / model.pt"),
+    "teacher_network": ("r50", "teacher backbone name (fork's backbones first, then the bundled "
+                               "ones); 'onnx' for an insightface .onnx recognition model"),
+    "teacher_checkpoint": (None, "teacher backbone weights: arcface_torch backbone.pth / model.pt, "
+                                 "or the .onnx file when teacher_network = 'onnx'"),
     "teacher_embedding_size": (512, "teacher embedding size"),
     "teacher_classifier": (None, "teacher classifier: checkpoint_gpu_*.pt folder or [C, D] file "
                                  "(fixed centers of arcdistill/cosdistill, optional initial "
@@ -123,3 +125,18 @@ def check_types(cfg: Mapping[str, Any], source: str) -> None:
         if key in cfg and cfg[key] not in choices:
             raise ValueError(f"{source}: config key '{key}' must be one of {list(choices)}, "
                              f"got {cfg[key]!r}")
+    check_onnx_teacher_keys(cfg, source)
+
+
+def check_onnx_teacher_keys(cfg: Mapping[str, Any], source: str) -> None:
+    """``teacher_network = "onnx"`` and a ``.onnx`` ``teacher_checkpoint`` go together: refuse
+    one without the other (an .onnx file cannot load into a torch backbone, and an ONNX teacher
+    cannot read a state_dict)."""
+    network, checkpoint = cfg.get("teacher_network"), cfg.get("teacher_checkpoint")
+    is_onnx_file = isinstance(checkpoint, str) and checkpoint.lower().endswith(".onnx")
+    if network == "onnx" and checkpoint is not None and not is_onnx_file:
+        raise ValueError(f"{source}: config key 'teacher_checkpoint' = {checkpoint!r}: "
+                         f"teacher_network = 'onnx' needs the teacher's .onnx recognition model")
+    if is_onnx_file and network != "onnx":
+        raise ValueError(f"{source}: config key 'teacher_checkpoint' = {checkpoint!r} is an ONNX "
+                         f"model: set teacher_network = 'onnx' (got {network!r})")

@@ -111,10 +111,10 @@ class EvaluationOrientedKD(nn.Module):
             y = gather_labels(labels.to(student.device))
             iu = torch.triu_indices(n, n, offset=1, device=student.device)
             s_hat = F.normalize(s_rep, dim=1)
-            sim_s = (s_hat[iu[0]] * s_hat[iu[1]]).sum(dim=1)
+            sim_s = (s_hat @ s_hat.t())[iu[0], iu[1]]            # [N (N - 1) / 2], row-major
             with torch.no_grad():
                 t_hat = F.normalize(t_all, dim=1)
-                sim_t = (t_hat[iu[0]] * t_hat[iu[1]]).sum(dim=1)
+                sim_t = (t_hat @ t_hat.t())[iu[0], iu[1]]
             positive = y[iu[0]] == y[iu[1]]
             neg_s, neg_t = sim_s[~positive], sim_t[~positive]
             num_neg = neg_s.shape[0]

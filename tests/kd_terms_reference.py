@@ -73,8 +73,9 @@ def rkd(s, t, w_d=25.0, w_a=50.0):
     n = s.shape[0]
 
     def dist(x):
-        d = [[_norm(x[i] - x[j]) if i != j else x.new_zeros(()) for j in range(n)]
-             for i in range(n)]
+        # squared distances clamped at 1e-12 off the diagonal, as the public RKD code
+        d = [[torch.sqrt(torch.clamp(_dot(x[i] - x[j], x[i] - x[j]), min=1e-12)) if i != j
+              else x.new_zeros(()) for j in range(n)] for i in range(n)]
         mean = sum(d[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
         return [[d[i][j] / mean for j in range(n)] for i in range(n)]
 

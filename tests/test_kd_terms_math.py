@@ -222,3 +222,12 @@ def test_shape_errors_are_clear():
         SimilarityPreservingKD("gaussian")
     with pytest.raises(ValueError, match="m_min <= m_max"):
         MarginDistillationMargins(0.5, 0.2)
+
+
+def test_rkd_with_coincident_samples_matches_reference():
+    """Exactly coincident samples: zero difference vectors give zero angles (F.normalize), the
+    Gram-based angles must agree with the explicit differences of the reference."""
+    s, t = _pair(n=5, ds=4, dt=4, seed=15)
+    s[3] = s[1]
+    t[4] = t[0]
+    _check(RelationalKD(), ref.rkd, s, t)

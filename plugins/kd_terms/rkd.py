@@ -23,8 +23,8 @@ added to the classification loss with weight 1 in both releases.
 
 Distributed: ``L_D`` depends on the batch-global mean distance, so it is computed replicated
 (every rank the full ``N x N``, gradient only into its own rows); ``L_A`` is a sum over vertices
-``a``, row-sharded (rank ``r`` the vertices it holds; ``[B, N, D]`` differences and ``[B, N, N]``
-angles per rank).  Both exact on any world size (``plugins.kd_terms._batch``).  ``N >= 2`` is
+``a``, row-sharded (rank ``r`` the vertices it holds: ``[B, N, N]`` angles per rank, from the
+batch's Gram matrix, see ``vertex_angles``).  Both exact on any world size (``plugins.kd_terms._batch``).  ``N >= 2`` is
 required (``mu`` is undefined for one sample).
 """
 from __future__ import annotations
@@ -55,10 +55,28 @@ def normalized_distances(x: torch.Tensor) -> torch.Tensor:
     return d / (d.sum() / (n * (n - 1)))
 
 
-def vertex_angles(vertices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``[B, N, N]``: ``<e_ab, e_ac>`` for the vertices ``a`` (rows of ``vertices [B, D]``)."""
-    e = F.normalize(x[None, :, :] - vertices[:, None, :], p=2, dim=2)
-    return torch.bmm(e, e.transpose(1, 2))
+def vertex_angles(x: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """``[B, N, N]``: ``<e_ab, e_ac>`` for the vertices ``a`` in rows ``start .. start + B`` of
+    ``x [N, D]``, from the Gram matrix of the batch (centred first; differences do not change):
+
+        <x_b - x_a, x_c - x_a> = G_bc - G_ab - G_ac + G_aa,  ||x_b - x_a||^2 = G_aa + G_bb - 2 G_ab
+
+    so no ``[B, N, D]`` difference tensor is formed (``O(N^2 D + B N^2)`` instead of
+    ``O(B N^2 D)``).  A pair closer than ``sqrt(64 eps (G_aa + G_bb))`` (``eps`` of the dtype: the
+    Gram rounding level) counts as coincident: its unit vector is 0, as ``F.normalize`` gives
+    for an exactly zero difference.
+    """
+    xc = x - x.detach().mean(dim=0, keepdim=True)
+    gram = xc @ xc.t()                                               # [N, N]
+    diag = torch.diagonal(gram)                                      # [N]
+    g_v = gram[start:start + count]                                  # [B, N]: G_ab
+    g_aa = diag[start:start + count]                                 # [B]
+    sq = g_aa[:, None] + diag[None, :] - 2.0 * g_v                   # [B, N]: ||x_b - x_a||^2
+    tiny = 64.0 * torch.finfo(x.dtype).eps * (g_aa[:, None] + diag[None, :]).detach()
+    apart = sq > tiny
+    inv = torch.where(apart, sq.clamp(min=torch.finfo(x.dtype).tiny).rsqrt(), 0.0)
+    inner = gram[None, :, :] - g_v[:, :, None] - g_v[:, None, :] + g_aa[:, None, None]
+    return inner * inv[:, :, None] * inv[:, None, :]
 
 
 class RelationalKD(nn.Module):
@@ -99,10 +117,9 @@ class RelationalKD(nn.Module):
             angle = distance.new_zeros(())
             if self.angle_weight > 0:
                 s_all, _, start = gather_with_grad(s, t)
-                rows = slice(start, start + s.shape[0])
                 with torch.no_grad():
-                    a_t = vertex_angles(t_all[rows], t_all)
-                a_s = vertex_angles(s_all[rows], s_all)
+                    a_t = vertex_angles(t_all, start, s.shape[0])
+                a_s = vertex_angles(s_all, start, s.shape[0])
                 angle = all_reduce_sum_with_grad(
                     F.smooth_l1_loss(a_s, a_t, reduction="sum")) / n ** 3
             loss = self.distance_weight * distance + self.angle_weight * angle

@@ -222,6 +222,8 @@ def test_shape_errors_are_clear():
         LogitKD(0.0)
     with pytest.raises(ValueError, match="gram must be"):
         SimilarityPreservingKD("gaussian")
+    with pytest.raises(ValueError, match="FPR denominators >= 2"):
+        EvaluationOrientedKD(anchors=(1, 10))
     with pytest.raises(ValueError, match="m_min <= m_max"):
         MarginDistillationMargins(0.5, 0.2)
 
@@ -233,3 +235,23 @@ def test_rkd_with_coincident_samples_matches_reference():
     s[3] = s[1]
     t[4] = t[0]
     _check(RelationalKD(), ref.rkd, s, t)
+
+
+@pytest.mark.parametrize("make", [AngularKD, SimilarityPreservingKD, CorrelationCongruenceKD,
+                                  RelationalKD, lambda: EvaluationOrientedKD(temperature=0.1)])
+def test_float32_agrees_with_float64_on_face_like_embeddings(make):
+    """Raw embeddings of norm ~20 (as face backbones give), computed in float32: the loss and
+    gradient stay within 1e-4 (relative) of the float64 computation."""
+    g = torch.Generator().manual_seed(16)
+    s = 20 * torch.nn.functional.normalize(torch.randn(32, 64, generator=g, dtype=torch.float64))
+    t = s + 4 * torch.randn(32, 64, generator=g, dtype=torch.float64)
+    labels = torch.arange(32) // 4
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        x = s.detach().to(dtype).clone().requires_grad_(True)
+        loss = make()(x, t.to(dtype), labels)
+        loss.backward()
+        out[dtype] = (loss.detach().double(), x.grad.double())
+    torch.testing.assert_close(out[torch.float32][0], out[torch.float64][0], rtol=1e-4, atol=1e-7)
+    scale = float(out[torch.float64][1].abs().max())
+    assert float((out[torch.float32][1] - out[torch.float64][1]).abs().max()) < 1e-4 * scale

@@ -81,9 +81,9 @@ class EvaluationOrientedKD(nn.Module):
         if top_k < 1 or not temperature > 0 or not 0 < momentum <= 1:
             raise ValueError(f"EvaluationOrientedKD needs top_k >= 1, temperature > 0 and "
                              f"momentum in (0, 1], got {top_k}, {temperature}, {momentum}")
-        if not anchors or min(anchors) < 1:
-            raise ValueError(f"EvaluationOrientedKD: anchors must be FPR denominators >= 1, "
-                             f"got {anchors}")
+        if not anchors or min(anchors) < 2:
+            raise ValueError(f"EvaluationOrientedKD: anchors must be FPR denominators >= 2 "
+                             f"(FPR <= 1/2), got {anchors}")
         self.top_k, self.temperature, self.anchors = int(top_k), float(temperature), anchors
         self.momentum = float(momentum)
         self.positive_weight, self.negative_weight = float(positive_weight), float(negative_weight)

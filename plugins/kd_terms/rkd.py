@@ -41,7 +41,9 @@ from ._batch import (check_embeddings, compute_dtype, gather_own_rows, gather_wi
 
 
 def pairwise_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """``[N, N]`` Euclidean distances of the rows of ``x``, diagonal exactly 0."""
+    """``[N, N]`` Euclidean distances of the rows of ``x``, diagonal exactly 0 (Gram identity
+    on the rows centred by their detached mean: same distances and gradient, less cancellation)."""
+    x = x - x.detach().mean(dim=0, keepdim=True)
     sq = (x * x).sum(dim=1)
     d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.t())).clamp(min=eps)
     eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)

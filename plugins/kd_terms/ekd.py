@@ -133,7 +133,7 @@ class EvaluationOrientedKD(nn.Module):
 
             def rank_mse(x_s: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
                 if x_s.numel() == 0:
-                    return x_s.new_zeros(()) * 0.0
+                    return x_s.new_zeros(())
                 return ((soft_rank(x_s, tau_s, self.temperature)
                          - soft_rank(x_t, tau_t, self.temperature)) ** 2).mean()
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, Dict
+import sys
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator
 
 from easydict import EasyDict
 
@@ -41,6 +43,23 @@ def _load_module_config(path: str) -> Dict[str, Any]:
     return dict(module.config)
 
 
+@contextmanager
+def _configs_importable(root: str) -> Iterator[None]:
+    """Let a job file ``from configs.<paper job> import config`` (arcface_torch style) resolve to
+    ``root/configs``: ``root`` first on sys.path, and ``configs.*`` modules cached from another
+    folder forgotten."""
+    folder = os.path.realpath(os.path.join(root, "configs"))
+    for name in [n for n in sys.modules if n == "configs" or n.startswith("configs.")]:
+        origin = getattr(sys.modules[name], "__file__", None) or ""
+        if not os.path.realpath(origin).startswith(folder + os.sep):
+            del sys.modules[name]
+    sys.path.insert(0, os.path.abspath(root))
+    try:
+        yield
+    finally:
+        sys.path.remove(os.path.abspath(root))
+
+
 def get_config(config_arg: str, root: str = ".") -> EasyDict:
     """Load ``configs/base.py`` + ``configs/<name>.py`` below ``root`` into an EasyDict.
 
@@ -50,8 +69,9 @@ def get_config(config_arg: str, root: str = ".") -> EasyDict:
     name = _job_name(config_arg)
     base_path = os.path.join(root, "configs", "base.py")
     job_path = os.path.join(root, "configs", f"{name}.py")
-    base = _load_module_config(base_path)
-    job = _load_module_config(job_path)
+    with _configs_importable(root):
+        base = _load_module_config(base_path)
+        job = _load_module_config(job_path)
     known = set(base) | set(ARCFACE_JOB_KEYS) | set(DISTILL_DEFAULTS)
     for key in job:
         if key not in known:

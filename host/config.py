@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import types
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator
 
@@ -46,18 +47,23 @@ def _load_module_config(path: str) -> Dict[str, Any]:
 @contextmanager
 def _configs_importable(root: str) -> Iterator[None]:
     """Let a job file ``from configs.<paper job> import config`` (arcface_torch style) resolve to
-    ``root/configs``: ``root`` first on sys.path, and ``configs.*`` modules cached from another
-    folder forgotten."""
-    folder = os.path.realpath(os.path.join(root, "configs"))
-    for name in [n for n in sys.modules if n == "configs" or n.startswith("configs.")]:
-        origin = getattr(sys.modules[name], "__file__", None) or ""
-        if not os.path.realpath(origin).startswith(folder + os.sep):
-            del sys.modules[name]
-    sys.path.insert(0, os.path.abspath(root))
+    ``root/configs`` (with or without an ``__init__.py``): while loading, ``configs`` is the
+    package of that folder; the modules cached before are put back afterwards."""
+    def cached() -> Dict[str, Any]:
+        return {n: m for n, m in sys.modules.items() if n == "configs" or n.startswith("configs.")}
+
+    saved = cached()
+    for name in saved:
+        del sys.modules[name]
+    package = types.ModuleType("configs")
+    package.__path__ = [os.path.abspath(os.path.join(root, "configs"))]
+    sys.modules["configs"] = package
     try:
         yield
     finally:
-        sys.path.remove(os.path.abspath(root))
+        for name in cached():
+            del sys.modules[name]
+        sys.modules.update(saved)
 
 
 def get_config(config_arg: str, root: str = ".") -> EasyDict:

@@ -38,8 +38,16 @@ DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
     "gkd_rank_by": ("student", "GKD ranks classes by the student's (paper) or teacher's logits"),
     "gkd_warmup_epochs": (10, "GKD linear KD warm-up: weight min(epoch / this, 1)"),
     "nesterov": (False, "SGD with Nesterov momentum (the GKD recipe)"),
+    "lr_reference_batch": (None, "global batch at which 'lr' holds; a run of global batch G "
+                                 "uses lr * G / this (None: lr as written, no scaling)"),
+    "warmup_lr": (0.0, "cosine schedule: lr of the first warm-up step (timm warmup_lr_init)"),
+    "lr_min": (0.0, "cosine schedule: floor of the cosine (timm lr_min)"),
+    "margin_grad": ("straight_through", "distill none / feature_mse, ArcFace: straight_through "
+                                        "(arcface_torch) | exact (AdaDistill's own ArcFace)"),
+    "gkd_tau_batch": (None, "GKD adaptive k: samples (consecutive in the global batch) whose "
+                            "summed softmax sets one k; None: each GPU's own batch"),
     "lr_schedule": ("polynomial", "polynomial (arcface_torch, with warmup) | step | cosine"),
-    "lr_steps": ((8, 14, 20, 25), "epochs at which the step schedule multiplies lr by 0.1"),
+    "lr_steps": ((7, 13, 19, 24), "0-based epochs from which the step schedule multiplies lr by 0.1"),
     "grad_clip": (5.0, "max gradient norm of the student; 0 disables clipping"),
     "grad_reduction": ("exact", "exact: gradient of the global-batch mean loss on any world size; "
                                 "arcface_torch: DDP averages over ranks as upstream (gradient / W)"),
@@ -69,6 +77,8 @@ KEY_TYPES: Dict[str, tuple] = {
     "gradient_acc": _INT, "seed": _INT, "num_workers": _INT, "frequent": _INT, "verbose": _INT,
     "network": _STR, "optimizer": _STR, "rec": _STR, "output": _OPT_STR, "margin_list": _SEQ,
     "val_targets": _SEQ,
+    "lr_reference_batch": (int, type(None)), "warmup_lr": _NUM, "lr_min": _NUM,
+    "margin_grad": _STR, "gkd_tau_batch": (int, type(None)),
     "distill": _STR, "alpha": _STR, "margin_scale": _NUM, "feature_kd_weight": _NUM, "teacher_network": _STR,
     "teacher_checkpoint": _OPT_STR, "teacher_embedding_size": _INT,
     "teacher_classifier": _OPT_STR, "teacher_fp16": _BOOL, "teacher_cache": _OPT_STR,
@@ -82,6 +92,7 @@ KEY_TYPES: Dict[str, tuple] = {
 CHOICES: Dict[str, Tuple[str, ...]] = {
     "distill": METHODS,
     "alpha": ("weighted", "plain"),
+    "margin_grad": ("straight_through", "exact"),
     "gkd_rank_by": ("student", "teacher"),
     "lr_schedule": ("polynomial", "step", "cosine"),
     "grad_reduction": ("exact", "arcface_torch"),

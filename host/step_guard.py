@@ -49,3 +49,25 @@ class BufferSnapshot:
             copy = self.copies.get(key)
             if copy is not None and copy.shape == buf.shape:
                 buf.copy_(copy)
+
+    @torch.no_grad()
+    def first_nonfinite(self, world: int = 1) -> str:
+        """The name of this rank's first floating buffer holding a NaN/inf ('' when all are
+        finite on every rank; 'a buffer on another rank' when only another rank has one).
+
+        One all-reduce when ``world > 1``, so every rank takes the same skip decision."""
+        named = [(key, buf) for key, buf in self._buffers() if buf.is_floating_point()]
+        if not named:
+            return ""
+        bad = torch.stack([~torch.isfinite(buf).all() for _, buf in named])
+        flag = bad.any().to(torch.int32).reshape(1)
+        if world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not int(flag.item()):
+            return ""
+        local = torch.nonzero(bad).flatten().tolist()
+        if not local:
+            return "a buffer on another rank"
+        (index, name), _ = named[local[0]]
+        return f"buffer '{name}'" if index == 0 else f"head buffer '{name}'"

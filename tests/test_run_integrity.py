@@ -2,6 +2,7 @@
 this run (identity, lock, fresh-run refusal) and survive SIGTERM; bad counts fail at load time."""
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,19 +91,28 @@ def test_step_guard_restores_batchnorm_and_centers_bitwise():
         assert torch.equal(value, before[key]), key
 
 
-def test_huge_lr_stops_with_finite_checkpoints_and_resumes_with_a_sane_lr(workdir):
+def test_huge_lr_from_the_start_never_writes_a_non_finite_tensor(workdir):
     cfg = job_config(workdir, "huge_lr", distill="adadistill", lr=1e8, max_steps=12,
                      num_epoch=10, save_every=1, keep_checkpoints=3, max_nonfinite=2)
     with pytest.raises(RuntimeError, match="non-finite") as err:
         trainer.train(cfg)
     _assert_all_finite(cfg.output)
-    if glob.glob(os.path.join(cfg.output, "checkpoints", "step_*")):
-        assert "--resume" in str(err.value) and "step_" in str(err.value)
-    sane = job_config(workdir, "huge_lr", distill="adadistill", lr=0.05, max_steps=14,
-                      num_epoch=10, save_every=1, keep_checkpoints=3, max_nonfinite=2,
-                      resume=True)
-    summary = trainer.train(sane)
-    assert summary["steps"] == 14
+    assert "resume from" in str(err.value) or "newest good checkpoint" in str(err.value)
+
+
+def test_blow_up_stops_before_its_checkpoint_and_resumes_with_a_sane_lr(workdir):
+    base = dict(distill="adadistill", num_epoch=10, save_every=3, keep_checkpoints=3,
+                max_nonfinite=2)
+    trainer.train(job_config(workdir, "blow_up", lr=0.05, max_steps=3, **base))
+    with pytest.raises(RuntimeError, match=r"non-finite.*step_000000003") as err:
+        trainer.train(job_config(workdir, "blow_up", lr=1e8, max_steps=12, resume=True, **base))
+    cfg = job_config(workdir, "blow_up", lr=0.05, max_steps=8, resume=True, **base)
+    _assert_all_finite(cfg.output)
+    log = open(os.path.join(cfg.output, "training.log")).read()
+    assert re.search(r"non-finite (buffer '[\w.]+running_var'|loss) at step 4: step skipped",
+                     log), log[-2000:]
+    summary = trainer.train(cfg)
+    assert summary["steps"] == 8 and summary["skipped_steps"] == 0
     _assert_all_finite(cfg.output)
 
 
@@ -117,15 +127,30 @@ def test_fresh_run_into_a_folder_with_checkpoints_refuses_unless_start_over(work
     assert names == ["step_000000001"]
 
 
-@pytest.mark.parametrize("change", [dict(network="tiny_t"), dict(num_classes=20),
+@pytest.mark.parametrize("change", [dict(network="tiny_t"), dict(distill="feature_mse"),
                                     dict(optimizer="adamw")])
 def test_resume_with_a_state_shaping_change_names_the_key(workdir, change):
     name = "ident_" + "_".join(change)
     trainer.train(job_config(workdir, name, distill="none", max_steps=2))
-    other = job_config(workdir, name, distill="none", max_steps=4, resume=True, **change)
+    other = job_config(workdir, name, **dict(dict(distill="none", max_steps=4, resume=True),
+                                             **change))
     key = next(iter(change))
     with pytest.raises(ValueError, match=rf"another run.*'{key}'"):
         trainer.train(other)
+
+
+def test_identity_names_every_differing_state_key_and_ignores_the_others():
+    from host.run_identity import check_resume, run_identity
+    cfg = dict(distill="none", network="tiny_s", embedding_size=512, num_classes=16,
+               optimizer="sgd", rec="/nonexistent/data", lr=0.1)
+    saved = run_identity(cfg, 128)
+    assert check_resume("ck", saved, run_identity(dict(cfg, lr=0.2), 128)) is None
+    with pytest.raises(ValueError, match=r"'num_classes': 16 -> 20; 'dataset': .*images:128.* -> "
+                                         r".*images:99"):
+        check_resume("ck", saved, run_identity(dict(cfg, num_classes=20), 99))
+    assert run_identity(cfg, 128)["digest"] == saved["digest"]
+    assert run_identity(dict(cfg, lr=0.3), 128)["digest"] == saved["digest"]
+    assert run_identity(dict(cfg, network="r18"), 128)["digest"] != saved["digest"]
 
 
 def test_resume_with_another_lr_is_allowed_and_logged(workdir):

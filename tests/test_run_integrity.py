@@ -269,3 +269,44 @@ def test_wrong_teacher_architecture_hint_names_teacher_network(workdir):
     cfg = job_config(workdir, "wrong_teacher", distill="adadistill", teacher_network="tiny_s")
     with pytest.raises(ValueError, match="teacher_network"):
         trainer.train(cfg)
+
+
+def _signal_one_rank_worker(rank, world, ref, cfg, resumed):
+    import host.trainer as tr
+    tr.train(ref)
+    real, calls = tr.head_loss, {"n": 0}
+
+    def head_loss(*args, **kwargs):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    tr.head_loss = head_loss
+    stopped = tr.train(cfg)
+    tr.head_loss = real
+    saved = sorted(os.listdir(os.path.join(cfg.output, "checkpoints")))
+    final = tr.train(resumed)
+    return {"stopped": (stopped["steps"], stopped["stopped_by"]), "saved": saved,
+            "final": final["steps"]}
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resumes_bitwise(workdir):
+    from tests.distributed_harness import run_distributed
+    kw = dict(distill="adadistill", max_steps=5, num_epoch=10, batch_size=4)
+    ref = job_config(workdir, "sig2_ref", **kw)
+    cfg = job_config(workdir, "sig2", **kw)
+    resumed = job_config(workdir, "sig2", resume=True, **kw)
+    results = run_distributed(_signal_one_rank_worker, 2, args=(ref, cfg, resumed))
+    for result in results:
+        assert result["stopped"] == (3, "SIGTERM")
+        assert result["saved"] == ["step_000000003"]
+        assert result["final"] == 5
+    a = torch.load(os.path.join(ref.output, "model.pt"), weights_only=True)
+    b = torch.load(os.path.join(cfg.output, "model.pt"), weights_only=True)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for rank in range(2):
+        name = f"checkpoints/step_000000005/rank_{rank}.pt"
+        ha = torch.load(os.path.join(ref.output, name), weights_only=True)["head"]
+        hb = torch.load(os.path.join(cfg.output, name), weights_only=True)["head"]
+        assert torch.equal(ha["centers"], hb["centers"])

@@ -84,6 +84,8 @@ def run_guard(cfg, rank: int, world: int) -> Iterator[StopRequest]:
     """Lock ``cfg.output`` (rank 0; all ranks fail together), clean up, check the folder, and
     record SIGTERM / SIGINT while the run lasts; yields the StopRequest."""
     from host.runtime import setup_logging
+    from plugins.config_defaults import check_types
+    check_types(cfg, "config")          # also for configs not loaded by host.config.get_config
     lock, error = OutputLock(cfg.output), ""
     if rank == 0:
         try:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -310,3 +311,24 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resumes_bitwi
         ha = torch.load(os.path.join(ref.output, name), weights_only=True)["head"]
         hb = torch.load(os.path.join(cfg.output, name), weights_only=True)["head"]
         assert torch.equal(ha["centers"], hb["centers"])
+
+
+def test_train_distill_exits_128_plus_signal_after_saving(workdir):
+    cfg = job_config(workdir, "cli_term", distill="none", max_steps=10 ** 6, num_epoch=1000,
+                     save_every=1)
+    first = os.path.join(cfg.output, "checkpoints", "step_000000001")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train_distill.py"),
+                             "configs/cli_term"], cwd=str(workdir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
+    assert b"Traceback" not in err
+    log = open(os.path.join(cfg.output, "training.log")).read()
+    assert re.search(r"SIGTERM: saving step (\d+) and stopping", log)
+    step = int(re.search(r"SIGTERM: saving step (\d+)", log).group(1))
+    names = os.listdir(os.path.join(cfg.output, "checkpoints"))
+    assert f"step_{step:09d}" in names and not any(n.endswith(".tmp") for n in names)

@@ -80,6 +80,14 @@ def _file_sha256(path: str) -> str:
     return sha.hexdigest()
 
 
+def collective_device() -> torch.device:
+    """Where a small tensor must live for a collective: the current GPU under nccl (which cannot
+    reduce CPU tensors), the CPU otherwise."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _barrier() -> None:
     if rank_and_world()[1] > 1:
         dist.barrier()
@@ -178,7 +186,7 @@ class CheckpointManager:
         where = "common.pt"
         if found is None:
             found, where = first_nonfinite(per_rank), f"rank_{per_rank['rank']}.pt"
-        flag = torch.tensor([0 if found is None else 1])
+        flag = torch.tensor([0 if found is None else 1], device=collective_device())
         if rank_and_world()[1] > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if int(flag) == 0:
@@ -262,7 +270,7 @@ class CheckpointManager:
             except (ValueError, OSError, RuntimeError, KeyError, TypeError, AttributeError,
                     EOFError, pickle.UnpicklingError) as err:
                 loaded, error = None, str(err)
-            usable = torch.tensor([0 if loaded is None else 1])
+            usable = torch.tensor([0 if loaded is None else 1], device=collective_device())
             if world > 1:
                 dist.all_reduce(usable, op=dist.ReduceOp.MIN)
             if int(usable) == 1:

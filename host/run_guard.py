@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from host.atomic_io import is_temporary_name
-from host.checkpoint import CheckpointManager
+from host.checkpoint import CheckpointManager, collective_device
 from host.run_lock import OutputLock
 from host.stop_signal import StopRequest
 
@@ -25,7 +25,7 @@ LOG = logging.getLogger("train_distill")
 
 
 def _agree(failed: bool, world: int) -> bool:
-    flag = torch.tensor([int(failed)])
+    flag = torch.tensor([int(failed)], device=collective_device())
     if world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())

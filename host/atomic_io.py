@@ -3,8 +3,10 @@ then rename over it (a crash leaves the previous file, or none, never a partial 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-from typing import Any, Iterator
+import shutil
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -18,7 +20,7 @@ def atomic_output(path: str, mode: str = "wb") -> Iterator:
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         with open(tmp, mode) as handle:
             yield handle
@@ -28,6 +30,59 @@ def atomic_output(path: str, mode: str = "wb") -> Iterator:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+TMP_MARK = ".tmp."
+
+
+def temporary_name(path: str) -> str:
+    """``<dir>/.<name>.tmp.<pid>``: the temporary file ``atomic_output`` writes before renaming
+    (start-up removes leftovers of a killed writer, see host/run_guard)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    return os.path.join(directory, f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
+
+
+def is_temporary_name(name: str) -> bool:
+    head, mark, pid = name.rpartition(TMP_MARK)
+    return name.startswith(".") and bool(mark) and bool(head) and pid.isdigit()
+
+
+def _disk_full(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception chain (torch may wrap the OSError in a
+    RuntimeError from its zip writer, ``enforce fail at inline_container.cc``)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _tensor_bytes(obj: Any, depth: int = 0) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if depth > 20:
+        return 0
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, depth + 1) for v in obj)
+    return 0
+
+
+def disk_full_error(path: str, needed: Optional[int], err: BaseException) -> OSError:
+    """An OSError(ENOSPC) that names the folder, the space needed and the space free."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        free = f"{shutil.disk_usage(directory).free / 1e6:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    need = f"needs about {needed / 1e6:.1f} MB" if needed else "needs more space"
+    return OSError(errno.ENOSPC, f"disk full while writing {os.path.basename(path)} in "
+                                 f"{directory}: it {need} ({free}); free space there or point "
+                                 f"config.output elsewhere (the previous file is intact)")
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
@@ -44,5 +99,10 @@ def save_text(path: str, text: str) -> None:
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` atomically."""
-    with atomic_output(path) as handle:
-        torch.save(obj, handle)
+    try:
+        with atomic_output(path) as handle:
+            torch.save(obj, handle)
+    except (OSError, RuntimeError) as err:
+        if _disk_full(err):
+            raise disk_full_error(path, _tensor_bytes(obj), err) from err
+        raise

@@ -1,21 +1,27 @@
-"""Atomic, resumable, world-size-portable training checkpoints.
+"""Atomic, verified, resumable, world-size-portable training checkpoints.
 
 Layout below ``<output>/checkpoints/``::
 
     step_000012345/
-        common.pt     rank 0: student backbone, epoch, step, samples consumed, scaler, config
+        common.pt     rank 0: student backbone, epoch, step, samples consumed, scaler, config,
+                      run identity (host/run_identity)
         rank_<r>.pt   every rank: head state (its class shard), optimizer state, RNG states
-        meta.json     written last: step, world size, file sizes
+        meta.json     written last: format, step, world size, run, size and sha256 of every file
 
 Every rank writes into ``step_<n>.tmp/``; after a barrier rank 0 writes ``meta.json`` and renames
 the folder.  A job killed at any moment leaves either the previous checkpoints untouched or a
-``.tmp`` folder that is never loaded, so no checkpoint can load but be incomplete.  Loading takes
-the newest checkpoint whose files are all present and load (``weights_only=True``), and falls back
-to older ones with a warning.  A checkpoint of W ranks resumes on W' ranks: class-sharded head
-state and its optimizer moments are joined and re-split by the Partial FC rule.
+``.tmp`` folder that is never loaded (and removed at the next start-up).  Nothing non-finite is
+ever written: ``save`` checks every tensor first (all ranks agree) and raises
+``NonFiniteStateError`` naming the first bad tensor and the newest good checkpoint.  Loading
+takes the newest checkpoint whose meta.json is well formed and whose files all match their size
+and sha256 and load (``weights_only=True``) with the expected keys; otherwise it falls back to
+older ones with a warning naming the file.  A checkpoint of W ranks resumes on W' ranks:
+class-sharded head state and its optimizer moments are joined and re-split by the Partial FC rule.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -35,6 +41,51 @@ from plugins.sharded_state import reshard_state
 
 LOG = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
+META_FORMAT = 2
+COMMON_KEYS = ("backbone", "epoch", "global_step", "consumed")
+RANK_KEYS = ("rank", "world_size", "head", "optimizer", "rng")
+
+
+class NonFiniteStateError(RuntimeError):
+    """A checkpoint was about to be written with a NaN/inf tensor (it is not written)."""
+
+
+def first_nonfinite(obj: Any, prefix: str = "") -> Optional[Tuple[str, int, int]]:
+    """``(name, bad_count, numel)`` of the first floating tensor in ``obj`` (nested dicts, lists)
+    holding a NaN or inf, in insertion order; None when all are finite."""
+    if torch.is_tensor(obj):
+        if obj.is_floating_point() or obj.is_complex():
+            bad = int((~torch.isfinite(obj)).sum())
+            if bad:
+                return prefix, bad, obj.numel()
+        return None
+    items = obj.items() if isinstance(obj, dict) else (
+        enumerate(obj) if isinstance(obj, (list, tuple)) else ())
+    for key, value in items:
+        found = first_nonfinite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def collective_device() -> torch.device:
+    """Where a small tensor must live for a collective: the current GPU under nccl (which cannot
+    reduce CPU tensors), the CPU otherwise."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _barrier() -> None:
@@ -97,20 +148,26 @@ class CheckpointManager:
         rank, world = rank_and_world()
         final = os.path.join(self.root, f"step_{step:09d}")
         tmp = final + ".tmp"
+        per_rank = {"rank": rank, "world_size": world, "head": head.state_dict(),
+                    "optimizer": optimizer.state_dict(), "rng": rng_state()}
+        self._refuse_nonfinite(step, common if rank == 0 else {}, per_rank)
         if rank == 0:
             os.makedirs(self.root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         _barrier()
-        per_rank = {"rank": rank, "world_size": world, "head": head.state_dict(),
-                    "optimizer": optimizer.state_dict(), "rng": rng_state()}
         atomic_torch_save(per_rank, os.path.join(tmp, f"rank_{rank}.pt"))
         if rank == 0:
             atomic_torch_save(dict(common, world_size=world), os.path.join(tmp, "common.pt"))
         _barrier()
         if rank == 0:
-            files = {name: os.path.getsize(os.path.join(tmp, name)) for name in os.listdir(tmp)}
-            meta = {"step": step, "world_size": world, "files": files}
+            names = sorted(os.listdir(tmp))
+            files = {name: os.path.getsize(os.path.join(tmp, name)) for name in names}
+            digests = {name: _file_sha256(os.path.join(tmp, name)) for name in names}
+            run = common.get("run") or {}
+            meta = {"format": META_FORMAT, "step": step, "world_size": world, "files": files,
+                    "sha256": digests, "config_name": run.get("config_name", ""),
+                    "run_digest": run.get("digest", "")}
             with open(os.path.join(tmp, "meta.json"), "w") as handle:
                 json.dump(meta, handle, indent=1)
                 handle.flush()
@@ -121,6 +178,31 @@ class CheckpointManager:
             self._prune()
         _barrier()
         return final
+
+    def _refuse_nonfinite(self, step: int, common: Dict[str, Any],
+                          per_rank: Dict[str, Any]) -> None:
+        """Raise NonFiniteStateError on every rank when any rank holds a NaN/inf tensor."""
+        found = first_nonfinite(common)
+        where = "common.pt"
+        if found is None:
+            found, where = first_nonfinite(per_rank), f"rank_{per_rank['rank']}.pt"
+        flag = torch.tensor([0 if found is None else 1], device=collective_device())
+        if rank_and_world()[1] > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag) == 0:
+            return
+        newest = self.newest()
+        what = (f"tensor '{found[0]}' ({where}) holds {found[1]} non-finite of {found[2]} values"
+                if found else "another rank holds a non-finite tensor")
+        resume = (f"the newest good checkpoint is {newest}: lower lr (or check the data) and "
+                  f"continue it with --resume" if newest else
+                  "there is no earlier checkpoint: lower lr (or check the data) and start again")
+        raise NonFiniteStateError(f"checkpoint step {step} not written: {what}; {resume}")
+
+    def newest(self) -> Optional[str]:
+        """The newest complete-looking checkpoint folder, or None."""
+        found = self.list()
+        return found[0] if found else None
 
     def _prune(self) -> None:
         for path in self.list()[self.keep:]:
@@ -136,22 +218,42 @@ class CheckpointManager:
 
     @staticmethod
     def _read(path: str, rank: int, world: int) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-        """Load and check one checkpoint folder; raise ValueError describing what is wrong."""
+        """Load and check one checkpoint folder; raise ValueError naming what is wrong."""
         meta_path = os.path.join(path, "meta.json")
         if not os.path.isfile(meta_path):
-            raise ValueError(f"{path}: no meta.json (interrupted save)")
-        with open(meta_path) as handle:
-            meta = json.load(handle)
-        for name, size in meta["files"].items():
+            raise ValueError(f"{meta_path} missing (interrupted save)")
+        try:
+            with open(meta_path) as handle:
+                meta = json.load(handle)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{meta_path}: not valid JSON ({err})") from err
+        _check_meta(meta_path, meta)
+        files, digests = meta["files"], meta.get("sha256")
+        for name, size in files.items():
             file_path = os.path.join(path, name)
             if not os.path.isfile(file_path) or os.path.getsize(file_path) != size:
                 raise ValueError(f"{file_path}: missing or not {size} bytes as meta.json says")
-        common = torch.load(os.path.join(path, "common.pt"), map_location="cpu",
-                            weights_only=True)
         saved_world = meta["world_size"]
         wanted = [rank] if saved_world == world else list(range(saved_world))
-        shards = [torch.load(os.path.join(path, f"rank_{r}.pt"), map_location="cpu",
-                             weights_only=True) for r in wanted]
+
+        def load(name: str, required: Tuple[str, ...]) -> Dict[str, Any]:
+            file_path = os.path.join(path, name)
+            if name not in files:
+                raise ValueError(f"{file_path}: not listed in meta.json")
+            with open(file_path, "rb") as handle:
+                data = handle.read()
+            if digests is not None and _sha256(data) != digests.get(name):
+                raise ValueError(f"{file_path}: sha256 differs from meta.json (corrupt file)")
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if not isinstance(obj, dict):
+                raise ValueError(f"{file_path}: holds a {type(obj).__name__}, not a dict")
+            missing = [key for key in required if key not in obj]
+            if missing:
+                raise ValueError(f"{file_path}: lacks the key(s) {missing}")
+            return obj
+
+        common = load("common.pt", COMMON_KEYS)
+        shards = [load(f"rank_{r}.pt", RANK_KEYS) for r in wanted]
         return dict(common, saved_world_size=saved_world), shards
 
     def load_latest(self) -> Optional[Tuple[str, Dict[str, Any], List[Dict[str, Any]]]]:
@@ -165,10 +267,10 @@ class CheckpointManager:
             try:
                 loaded = self._read(path, rank, world)
                 error = ""
-            except (ValueError, OSError, RuntimeError, KeyError, EOFError,
-                    pickle.UnpicklingError) as err:
+            except (ValueError, OSError, RuntimeError, KeyError, TypeError, AttributeError,
+                    EOFError, pickle.UnpicklingError) as err:
                 loaded, error = None, str(err)
-            usable = torch.tensor([0 if loaded is None else 1])
+            usable = torch.tensor([0 if loaded is None else 1], device=collective_device())
             if world > 1:
                 dist.all_reduce(usable, op=dist.ReduceOp.MIN)
             if int(usable) == 1:
@@ -208,3 +310,26 @@ class CheckpointManager:
         torch.manual_seed(int(common["global_step"]) * 1000 + rank)
         np.random.seed((int(common["global_step"]) * 1000 + rank) % 2**32)
         random.seed(int(common["global_step"]) * 1000 + rank)
+
+
+def _check_meta(meta_path: str, meta: Any) -> None:
+    """Raise ValueError unless ``meta`` is a meta.json this module wrote."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
+    for key, kind in (("step", int), ("world_size", int), ("files", dict)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise ValueError(f"{meta_path}: key '{key}' missing or not {kind.__name__}")
+    if meta["world_size"] < 1:
+        raise ValueError(f"{meta_path}: world_size {meta['world_size']} < 1")
+    files = meta["files"]
+    needed = ["common.pt"] + [f"rank_{r}.pt" for r in range(meta["world_size"])]
+    missing = [name for name in needed if name not in files]
+    if missing:
+        raise ValueError(f"{meta_path}: 'files' lacks {missing}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in files.values()):
+        raise ValueError(f"{meta_path}: 'files' sizes must be integers")
+    if meta.get("format", 1) >= 2:       # format 1 (sizes only) was written before sha256
+        digests = meta.get("sha256")
+        if not isinstance(digests, dict) or set(digests) != set(files) or not all(
+                isinstance(v, str) and len(v) == 64 for v in digests.values()):
+            raise ValueError(f"{meta_path}: 'sha256' must give a digest for every file")

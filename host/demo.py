@@ -64,6 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
         print(f"\n[demo] training {label}: {cfg.network}, distill={cfg.distill}, "
               f"output {cfg.output}")
         t0 = time.time()
+        cfg.start_over = True          # the demo retrains from scratch each time it runs
         summary = train(cfg)
         accuracy, std, _ = summary["verification"]["lfw"]
         rows.append({"run": label, "network": cfg.network, "distill": cfg.distill,

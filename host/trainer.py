@@ -23,6 +23,9 @@ from host.checkpoint import CheckpointManager
 from host.factory import (build_head, build_teacher_source, check_config, head_loss,
                           teacher_class_means)
 from host.lr_schedule import run_schedule
+from host.run_guard import run_guard
+from host.run_identity import check_resume, run_identity
+from host.step_guard import BufferSnapshot
 from host.runtime import (CONFIG_LOGGER, configure_cpu_threads, exact_gradient_hook, init_distributed,
                           seed_everything, setup_logging)
 from plugins.sharded_state import gather_full_table
@@ -76,7 +79,17 @@ class ProgressMeter:
 
 
 def train(cfg) -> dict:
-    """Run the training ``cfg`` describes; returns a small summary (rank 0 meaningful)."""
+    """Run the training ``cfg`` describes; returns a small summary (rank 0 meaningful).
+
+    The run holds its output folder's lock, refuses another run's checkpoints, and on SIGTERM /
+    SIGINT saves a checkpoint at the next step boundary and returns (``summary["stopped_by"]``).
+    """
+    rank, world, _, _ = init_distributed()
+    with run_guard(cfg, rank, world) as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg, stop) -> dict:
     from host.dataset import FaceRecordDataset, ResumableDistributedSampler, make_loader
     from plugins.backbones import resolve_model
 
@@ -93,6 +106,7 @@ def train(cfg) -> dict:
     if cfg.get("num_image", len(dataset)) != len(dataset):
         LOG.warning("config num_image=%d but %s holds %d images; using %d",
                     cfg.num_image, cfg.rec, len(dataset), len(dataset))
+    identity = run_identity(cfg, len(dataset))
     acc = int(cfg.gradient_acc)
     global_batch = cfg.batch_size * world
     steps_per_epoch = len(dataset) // (global_batch * acc)
@@ -131,6 +145,7 @@ def train(cfg) -> dict:
             LOG.info("resume: no checkpoint in %s, starting from scratch", checkpoints.root)
         else:
             path, common, shards = found
+            check_resume(path, common.get("run"), identity)
             student.load_state_dict(common["backbone"])
             CheckpointManager.restore(common, shards, head, optimizer)
             if common["scaler"]:                 # a disabled scaler (fp32, CPU) saved {}
@@ -159,13 +174,15 @@ def train(cfg) -> dict:
     def save_checkpoint() -> None:
         common = {"backbone": student.state_dict(), "epoch": epoch, "global_step": step,
                   "consumed": consumed, "scaler": scaler.state_dict(),
-                  "num_classes": cfg.num_classes, "config_name": cfg.get("config_name", "")}
+                  "num_classes": cfg.num_classes, "config_name": cfg.get("config_name", ""),
+                  "run": identity}
         checkpoints.save(step, common, head, optimizer)
         if rank == 0:
             atomic_torch_save(student.state_dict(), os.path.join(cfg.output, "model.pt"))
 
     meter = ProgressMeter(total_steps, global_batch * acc, step)
     nonfinite_in_row, skipped_steps, last_loss, losses = 0, 0, float("nan"), []
+    buffers, stopped_by = BufferSnapshot(student, head), 0   # a skipped step restores buffers
     student.train()
     head.train()
     while epoch < cfg.num_epoch and step < total_steps:
@@ -181,6 +198,8 @@ def train(cfg) -> dict:
                 images = images.contiguous(memory_format=torch.channels_last)
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr_at(step)
+            if micro % acc == 0:
+                buffers.take()
             embeddings = model(images).float()
             teacher_emb = None
             if teacher is not None:
@@ -199,17 +218,21 @@ def train(cfg) -> dict:
             consumed += cfg.batch_size * world
             if not sync:
                 continue
+            bad_buffer = "" if bad_step else buffers.first_nonfinite(world)
+            bad_step = bad_step or bool(bad_buffer)
             if bad_step:
                 optimizer.zero_grad(set_to_none=True)
+                buffers.restore()   # BatchNorm stats, AdaDistill centers: as before the step
                 nonfinite_in_row += 1
                 skipped_steps += 1
-                LOG.warning("non-finite loss at step %d: step skipped (%d in a row)", step,
-                            nonfinite_in_row)
+                LOG.warning("non-finite %s at step %d: step skipped (%d in a row)",
+                            bad_buffer or "loss", step, nonfinite_in_row)
                 if nonfinite_in_row >= cfg.max_nonfinite:
                     raise NonFiniteLossError(
                         f"{nonfinite_in_row} non-finite losses in a row (max_nonfinite="
                         f"{cfg.max_nonfinite}) at step {step}: lower lr, check the data and the "
-                        f"teacher checkpoint, or enable fp16=False")
+                        f"teacher checkpoint, or enable fp16=False; resume from "
+                        f"{checkpoints.newest() or 'scratch (no checkpoint yet)'}")
                 bad_step = False
                 continue
             nonfinite_in_row = 0
@@ -234,6 +257,10 @@ def train(cfg) -> dict:
                 writer.add_scalar("train/samples_per_sec", speed, step)
             if verifier is not None and step % cfg.verbose == 0:
                 verifier(step, student)
+            stopped_by = stopped_by or stop.requested(device)
+            if stopped_by and step < total_steps:
+                LOG.warning("%s: saving step %d and stopping", stop.name(stopped_by), step)
+                total_steps = step          # saves below, then leaves the loop
             if step % cfg.save_every == 0 or step >= total_steps:
                 save_checkpoint()
             if step >= total_steps:
@@ -245,11 +272,12 @@ def train(cfg) -> dict:
             continue
         break
 
-    summary = {"steps": step, "loss": last_loss, "losses": losses, "skipped_steps": skipped_steps}
+    summary = {"steps": step, "loss": last_loss, "losses": losses, "skipped_steps": skipped_steps,
+               "stopped_by": stop.name(stopped_by)}
     table = _learned_classifier(head, cfg.num_classes)
     if table is not None and rank == 0:
         atomic_torch_save(table.cpu(), os.path.join(cfg.output, "classifier.pt"))
-    if verifier is not None:
+    if verifier is not None and not stopped_by:
         summary["verification"] = verifier(step, student)  # the final model's accuracy
     if writer is not None:
         writer.close()

@@ -184,4 +184,10 @@ def load_teacher_classifier(path: str, num_classes: int, embedding_size: int,
                         layout)
     else:
         table = _from_object(path, _load_torch(path), num_classes, embedding_size, layout)
+    bad = int((~torch.isfinite(table)).sum())
+    if bad:
+        rows = torch.nonzero(~torch.isfinite(table).all(dim=1)).flatten()
+        raise ValueError(f"{path}: the teacher classifier holds {bad} non-finite (NaN/inf) "
+                         f"values, in {rows.numel()} class row(s), first class {int(rows[0])}; "
+                         f"export it again from a healthy teacher checkpoint")
     return table.to(dtype=torch.float32).contiguous().clone()

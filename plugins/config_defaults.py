@@ -56,6 +56,8 @@ DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
     "max_nonfinite": (20, "stop after this many non-finite losses in a row (each one is skipped)"),
     "max_steps": (None, "stop after this many optimizer steps (demos and tests); None: num_epoch"),
     "skip_bad_records": (False, "skip undecodable records (counted and logged) instead of failing"),
+    "start_over": (False, "a fresh run into an output folder holding checkpoints deletes them "
+                          "(otherwise it refuses; --start-over on the command line)"),
 }
 
 # Keys that arcface_torch's job configs add to its base config.
@@ -87,6 +89,15 @@ KEY_TYPES: Dict[str, tuple] = {
     "gkd_rank_by": _STR, "gkd_warmup_epochs": _NUM, "lr_schedule": _STR, "lr_steps": _SEQ,
     "grad_clip": _NUM, "nesterov": _BOOL, "grad_reduction": _STR, "save_every": _INT, "keep_checkpoints": _INT,
     "max_nonfinite": _INT, "max_steps": (int, type(None)), "skip_bad_records": _BOOL,
+    "start_over": _BOOL,
+}
+
+# count / frequency keys -> smallest valid value (0 would divide by zero or never happen)
+KEY_MINIMUM: Dict[str, int] = {
+    "num_classes": 1, "num_image": 1, "num_epoch": 1, "batch_size": 1, "embedding_size": 1,
+    "gradient_acc": 1, "frequent": 1, "save_every": 1, "keep_checkpoints": 1,
+    "max_nonfinite": 1, "max_steps": 1, "teacher_embedding_size": 1, "gkd_k": 1,
+    "num_workers": 0, "verbose": 0, "warmup_epoch": 0, "gkd_warmup_epochs": 0,
 }
 
 CHOICES: Dict[str, Tuple[str, ...]] = {
@@ -132,6 +143,10 @@ def check_types(cfg: Mapping[str, Any], source: str) -> None:
             names = " or ".join(t.__name__ for t in types)
             raise ValueError(f"{source}: config key '{key}' must be {names}, "
                              f"got {value!r} ({type(value).__name__})")
+    for key, minimum in KEY_MINIMUM.items():
+        value = cfg.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+            raise ValueError(f"{source}: config key '{key}' must be >= {minimum}, got {value!r}")
     for key, choices in CHOICES.items():
         if key in cfg and cfg[key] not in choices:
             raise ValueError(f"{source}: config key '{key}' must be one of {list(choices)}, "

@@ -211,6 +211,6 @@ def build_teacher(network: str,
     # their trunk in ``autocast(enabled=self.fp16)``, which would switch the hook's autocast off.
     # Off elsewhere: bundled backbones would run their trunk in bfloat16 on a CPU.
     model = factory(network, num_features=embedding_size, fp16=bool(fp16) and device.type == "cuda")
-    load_backbone_weights(model, checkpoint, network)
+    load_backbone_weights(model, checkpoint, network, config_key="teacher_network")
     return TeacherHook(model, device=device, fp16=fp16, embedding_size=embedding_size,
                        network=network, checkpoint=os.path.abspath(checkpoint))

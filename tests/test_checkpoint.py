@@ -1,4 +1,6 @@
 """Checkpoints: atomic under SIGKILL, fallback from a corrupt newest one, resharding W -> W'."""
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -146,3 +148,106 @@ def test_sigkill_during_save_never_leaves_a_loadable_incomplete_checkpoint(tmp_p
     assert [os.path.basename(p) for p in manager.list()] == ["step_000000001"]
     path, common, _ = manager.load_latest()
     assert common["global_step"] == 1
+
+
+def _flip_byte_inside_tensor_data(path):
+    """Flip one byte in the middle of the largest tensor record of a torch zip file (the file
+    still unpickles: only the value changes)."""
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename),
+                   key=lambda i: i.file_size)
+    with open(path, "r+b") as handle:
+        handle.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(handle.read(2), "little") for _ in range(2))
+        handle.seek(info.header_offset + 30 + name_len + extra_len + info.file_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_flipped_bytes_inside_tensor_data_fall_back_naming_the_file(tmp_path, caplog):
+    out = str(tmp_path)
+    _save(out, 1)
+    _save(out, 2)
+    newest = os.path.join(out, "checkpoints", "step_000000002", "rank_0.pt")
+    _flip_byte_inside_tensor_data(newest)
+    torch.load(newest, weights_only=True)              # still loads: only a checksum can tell
+    path, common, _ = CheckpointManager(out).load_latest()
+    assert path.endswith("step_000000001") and common["global_step"] == 1
+    assert "rank_0.pt" in caplog.text and "sha256" in caplog.text
+
+
+@pytest.mark.parametrize("meta", ["[]", "{}", '{"step": 2, "world_size": 1, "files": []}',
+                                  "not json"])
+def test_malformed_meta_falls_back_with_a_warning(tmp_path, caplog, meta):
+    out = str(tmp_path)
+    _save(out, 1)
+    _save(out, 2)
+    with open(os.path.join(out, "checkpoints", "step_000000002", "meta.json"), "w") as handle:
+        handle.write(meta)
+    path, _, _ = CheckpointManager(out).load_latest()
+    assert path.endswith("step_000000001")
+    assert "meta.json" in caplog.text
+
+
+def test_rank_file_missing_a_key_falls_back(tmp_path, caplog):
+    out = str(tmp_path)
+    _save(out, 1)
+    _save(out, 2)
+    folder = os.path.join(out, "checkpoints", "step_000000002")
+    bad = os.path.join(folder, "rank_0.pt")
+    state = torch.load(bad, weights_only=True)
+    del state["optimizer"]
+    torch.save(state, bad)
+    meta = json.load(open(os.path.join(folder, "meta.json")))      # a consistent meta.json
+    meta["files"]["rank_0.pt"] = os.path.getsize(bad)
+    meta["sha256"]["rank_0.pt"] = hashlib.sha256(open(bad, "rb").read()).hexdigest()
+    json.dump(meta, open(os.path.join(folder, "meta.json"), "w"))
+    found = CheckpointManager(out).load_latest()
+    assert found[0].endswith("step_000000001")
+    assert "rank_0.pt: lacks the key(s) ['optimizer']" in caplog.text
+
+
+def test_non_finite_state_is_never_written_and_names_the_tensor(tmp_path):
+    from host.checkpoint import NonFiniteStateError
+    out = str(tmp_path)
+    _save(out, 1)
+    head, backbone, opt = _state()
+    with torch.no_grad():
+        backbone.bias[1] = float("inf")
+    with pytest.raises(NonFiniteStateError, match=r"'backbone\.bias'.*step_000000001"):
+        CheckpointManager(out).save(2, {"backbone": backbone.state_dict(), "global_step": 2,
+                                        "epoch": 0, "consumed": 0}, head, opt)
+    assert [os.path.basename(p) for p in CheckpointManager(out).list()] == ["step_000000001"]
+    assert not os.path.exists(os.path.join(out, "checkpoints", "step_000000002.tmp"))
+
+
+def test_disk_full_names_the_folder_and_the_space_needed(tmp_path, monkeypatch):
+    import errno
+    import host.atomic_io as atomic_io
+
+    class FullFile:
+        def __init__(self, real):
+            self.real = real
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.real.close()
+
+    real_open = open
+    monkeypatch.setattr(atomic_io, "open", lambda *a, **k: FullFile(real_open(*a, **k)),
+                        raising=False)
+    target = tmp_path / "sub" / "model.pt"
+    with pytest.raises(OSError, match=r"disk full.*sub.*needs about 0\.4 MB") as err:
+        atomic_io.atomic_torch_save({"w": torch.zeros(100, 1000)}, str(target))
+    assert err.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path / "sub") == []

@@ -128,7 +128,7 @@ def mismatch_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Opti
 
 def load_backbone_weights(model: nn.Module,
                           state_dict_or_path: Union[str, os.PathLike, Mapping],
-                          network_name: str) -> nn.Module:
+                          network_name: str, config_key: str = "network") -> nn.Module:
     """Load a backbone checkpoint into ``model`` strictly; returns ``model``.
 
     Args:
@@ -136,6 +136,8 @@ def load_backbone_weights(model: nn.Module,
         state_dict_or_path: a checkpoint path (loaded on CPU with ``weights_only=True``) or a
             dict; wrappers and ``module.`` prefixes are removed (see module docstring).
         network_name: the name ``model`` was built from, for the error message.
+        config_key: the config key that chose ``network_name`` (``teacher_network`` for a
+            teacher), named in the hint.
 
     Raises:
         ValueError: the checkpoint does not fit; the message names the file (when a path was
@@ -153,6 +155,6 @@ def load_backbone_weights(model: nn.Module,
         hint = (f"it fits: {', '.join(fits)}" if fits
                 else "it fits none of the registered networks " + ", ".join(list_models()))
         raise ValueError(f"{source} does not fit backbone {network_name!r}:\n  {report}\n  "
-                         f"{hint}; set the network name (cfg.network) accordingly")
+                         f"{hint}; set the network name (config key '{config_key}') accordingly")
     target.load_state_dict(state, strict=True)
     return model

@@ -29,5 +29,4 @@ config.lr = 0.1
 config.weight_decay = 5e-4
 config.batch_size = 128
 config.grad_clip = 5.0
-config.grad_reduction = "exact"
 config.val_targets = ["lfw", "cfp_fp", "agedb_30", "calfw", "cplfw"]

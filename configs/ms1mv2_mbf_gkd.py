@@ -40,5 +40,4 @@ config.weight_decay = 5e-4
 config.batch_size = 128
 config.fp16 = True
 config.grad_clip = 5.0
-config.grad_reduction = "arcface_torch"
 config.val_targets = ["lfw", "cfp_fp", "agedb_30", "calfw", "cplfw"]

@@ -117,8 +117,9 @@ def train(cfg) -> dict:
     model = student
     if world > 1:
         model = DistributedDataParallel(student, device_ids=[device.index] if cuda else None)
-        if cfg.grad_reduction == "exact":
-            model.register_comm_hook(None, exact_gradient_hook)
+        # the heads give each rank the exact gradient of the global-batch mean for its own
+        # samples: sum over ranks (DDP would average), the same gradient on any world size
+        model.register_comm_hook(None, exact_gradient_hook)
     optimizer = _optimizer(cfg, student, head)
     schedule = schedule_from_config(cfg, steps_per_epoch, steps_per_epoch * cfg.num_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg.fp16 and cuda))

@@ -91,7 +91,6 @@ def prepare_fork_config(cfg) -> None:
                         key, value, instead)
     for key in NOT_HONOURED:   # never read by the fork's loop: out of its config dump
         cfg.pop(key, None)
-    cfg.pop("teacher_cache", None)
 
 
 def model_builder(cfg, fork_get_model: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

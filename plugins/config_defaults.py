@@ -50,7 +50,7 @@ DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
 # one is refused (ValueError naming the key), never silently ignored.
 REMOVED_KEYS: Dict[str, str] = {
     "grad_reduction": (
-        "it was removed: every training path now gives the student the gradient of the "
+        "every training path now gives the student the gradient of the "
         "global-batch mean loss, the same on any GPU count -- which is what upstream "
         "arcface_torch does too (PartialFC_V2 multiplies the gathered embedding gradient by the "
         "world size before DDP averages), so its old 'arcface_torch' mode (gradient / W) "
@@ -110,7 +110,7 @@ def closest_key(key: str, known: Iterable[str]) -> str:
 
 
 def removed_key_message(key: str, source: str) -> str:
-    return f"{source}: config key '{key}' is no longer accepted: {REMOVED_KEYS[key]}"
+    return f"{source}: config key '{key}' was removed: {REMOVED_KEYS[key]}"
 
 
 def unknown_key_message(key: str, source: str, known: Iterable[str]) -> str:

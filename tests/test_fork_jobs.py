@@ -247,19 +247,19 @@ def test_grad_reduction_is_refused_everywhere(tmp_path):
     from host.fork_loop import prepare_fork_config
     from plugins.config_defaults import check_types
     for mode in ("exact", "arcface_torch"):
-        with pytest.raises(ValueError, match=r"configs/<job>.py: config key 'grad_reduction' is "
-                                             r"no longer accepted: it was removed: every "
-                                             r"training path now gives .* delete the line"):
+        with pytest.raises(ValueError, match=r"configs/<job>.py: config key 'grad_reduction' was "
+                                             r"removed: every training path now gives .* "
+                                             r"delete the line"):
             prepare_fork_config(distill_cfg(grad_reduction=mode))
-        with pytest.raises(ValueError, match="'grad_reduction' is no longer accepted"):
+        with pytest.raises(ValueError, match="'grad_reduction' was removed"):
             check_types({"grad_reduction": mode}, "x.py")
     (tmp_path / "configs").mkdir()
     shutil.copy(os.path.join(REPO, "configs", "base.py"), tmp_path / "configs" / "base.py")
     (tmp_path / "configs" / "job.py").write_text(
         "from easydict import EasyDict as edict\nconfig = edict()\n"
         "config.grad_reduction = 'arcface_torch'\n")
-    with pytest.raises(ValueError, match=r"job.py: config key 'grad_reduction' is no longer "
-                                         r"accepted: .*PartialFC_V2 multiplies"):
+    with pytest.raises(ValueError, match=r"job.py: config key 'grad_reduction' was removed: "
+                                         r".*PartialFC_V2 multiplies"):
         get_config("configs/job", root=str(tmp_path))
 
 

@@ -37,7 +37,6 @@ config.weight_decay = 5e-4
 config.batch_size = 128
 config.fp16 = False
 config.grad_clip = 5.0
-config.grad_reduction = "exact"
 config.sample_rate = 1.0
 config.val_targets = ["lfw", "cfp_fp", "agedb_30", "calfw", "cplfw"]
 config.verbose = 2000

@@ -131,8 +131,9 @@ def _train(cfg, stop) -> dict:
     model = student
     if world > 1:
         model = DistributedDataParallel(student, device_ids=[device.index] if cuda else None)
-        if cfg.grad_reduction == "exact":
-            model.register_comm_hook(None, exact_gradient_hook)
+        # the heads give each rank the exact gradient of the global-batch mean for its own
+        # samples: sum over ranks (DDP would average), the same gradient on any world size
+        model.register_comm_hook(None, exact_gradient_hook)
     optimizer = _optimizer(cfg, student, head)
     schedule = run_schedule(cfg, steps_per_epoch, global_batch * acc, log=LOG)
     scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg.fp16 and cuda))

@@ -8,22 +8,25 @@ The places to change are found by their meaning in the Python syntax tree, never
 so a fork that moved, renamed or reformatted things is still patched correctly:
 
 - imports: after the last module-level import before the first ``def``/``class``, import
-  ``build_head``, ``build_teacher_source``, ``check_config``, ``head_loss`` and
-  ``apply_distill_defaults``;
-- config: after ``<cfg> = get_config(...)``: a job that sets no ``distill`` key is one of the
-  fork's own and gets ``distill = "none"`` (it trains exactly as before, unchecked); fill the
-  distillation defaults; for a distillation job refuse a teacher-embedding cache and run
-  ``check_config``;
+  ``build_head`` and the patched loop's helpers of ``host/fork_loop.py``;
+- config: after ``<cfg> = get_config(...)``: ``prepare_fork_config(<cfg>)`` -- a job that sets
+  no ``distill`` key is one of the fork's own and is left untouched (it trains, and dumps its
+  config, exactly as before); for ours: distillation defaults, start-up checks, a warning per key
+  the fork's loop does not honour (those keys leave the config);
 - head: every ``<head> = PartialFC_V2(...)`` (possibly chained, e.g. ``.cuda()``) becomes
-  ``build_head(<cfg>) if <cfg>.distill != "none" else PartialFC_V2(...)``; the fork's own device
-  move of ``<head>`` then applies to whichever module was built;
-- backbone (read only): ``<net> = ...get_model(...)...``; the teacher runs on its device;
+  ``build_head(<cfg>) if distill_method(<cfg>) != "none" else PartialFC_V2(...)``; the fork's
+  own device move of ``<head>`` then applies to whichever module was built;
+- backbone: ``<net> = ...get_model(...)...`` calls ``model_builder(<cfg>, get_model)(...)``
+  instead: the fork's ``get_model`` for its own jobs, ``plugins.backbones.resolve_model`` (the
+  fork's names first, then the bundled ones) for ours;
 - teacher: just before the outermost loop around the loss call (the training loop), once,
-  ``teacher = build_teacher_source(<cfg>, device=next(<net>.parameters()).device)``;
+  ``teacher = build_fork_teacher(<cfg>, <net>)`` (on the backbone's device);
 - loss: the single ``<loss> = <head>(<emb>, <labels>)`` inside that loop, after
-  ``<emb> = <net>(<img>)`` and inside ``for <epoch> in range(...)``, becomes the teacher
-  embeddings of ``<img>`` and ``head_loss(<head>, <cfg>.distill, <emb>, teacher_embeddings,
-  <labels>, <epoch>)``.
+  ``<emb> = <net>(<img>)`` and inside ``for <epoch> in range(...)``, becomes
+  ``fork_head_loss(<head>, <cfg>, <net>, teacher, <img>, <emb>, <labels>, <epoch>)``: the fork's
+  own call for ``distill = "none"``; else the plugin's head with the embeddings' gradient scaled
+  by the DDP world size, as upstream's PartialFC_V2 does, so that the fork's DDP average gives
+  the gradient of the global-batch mean loss on any GPU count.
 
 Every change sits between ``# >>> kdface distill`` and ``# <<< kdface distill``; a replaced
 statement is kept inside its block as ``#|`` comment lines, so ``--revert`` restores the file
@@ -54,11 +57,14 @@ REPLACED_NOTE = ": replaces the statement kept below as #| comments"
 _KEPT_LINE = re.compile(r"^([ \t]*)# ?\|(.*)$")
 
 IMPORT_LINES = (
-    "from host.factory import build_head, build_teacher_source, check_config, head_loss",
-    "from plugins.config_defaults import apply_distill_defaults",
+    "from host.factory import build_head",
+    "from host.fork_loop import (build_fork_teacher, distill_method, fork_head_loss, "
+    "model_builder,",
+    "                            prepare_fork_config)",
 )
 # Names the patch introduces; a fork that already binds one of them would be silently shadowed.
-INTRODUCED_NAMES = ("teacher", "teacher_embeddings")
+INTRODUCED_NAMES = ("teacher", "build_head", "build_fork_teacher", "distill_method",
+                    "fork_head_loss", "model_builder", "prepare_fork_config")
 
 
 @dataclass(frozen=True)
@@ -79,35 +85,30 @@ ANCHORS: Dict[str, Anchor] = {
         "the line that loads the config",
         "an assignment `<cfg> = get_config(...)` (also `<module>.get_config(...)`)",
         "right after the config is loaded:\n"
-        "    if \"distill\" not in cfg:\n"
-        "        cfg.distill = \"none\"\n"
-        "    apply_distill_defaults(cfg)\n"
-        "    if cfg.distill != \"none\":\n"
-        "        check_config(cfg)"),
+        "    prepare_fork_config(cfg)"),
     "head": Anchor(
         "the construction of the Partial FC loss module",
         "an assignment `<head> = PartialFC_V2(...)` (the call may be chained, e.g. "
         "`PartialFC_V2(...).cuda()`)",
         "replace the construction by\n"
-        "    module_partial_fc = build_head(cfg) if cfg.distill != \"none\" else "
+        "    module_partial_fc = build_head(cfg) if distill_method(cfg) != \"none\" else "
         "PartialFC_V2(...)\n"
         "  and move it to the GPU as the fork does (e.g. module_partial_fc.train().cuda())"),
     "backbone": Anchor(
         "the construction of the student backbone",
         "an assignment `<net> = get_model(...)` (also chained, e.g. `get_model(...).cuda()`) "
         "before the training loop",
-        "before the training loop, once:\n"
-        "    teacher = build_teacher_source(cfg, device=next(backbone.parameters()).device)"),
+        "call the builder through the plugin, and before the training loop, once:\n"
+        "    backbone = model_builder(cfg, get_model)(cfg.network, ...)\n"
+        "    teacher = build_fork_teacher(cfg, backbone)"),
     "loss": Anchor(
         "the loss call inside the loader loop",
         "exactly one assignment `<loss> = <head>(<embeddings>, <labels>)` where <head> is the "
         "PartialFC_V2 variable, inside `for ... in ...:` loops, with `<embeddings> = "
         "<backbone>(<img>)` before it and an enclosing `for <epoch> in range(...):`",
         "in the loop, replacing the loss call:\n"
-        "    teacher_embeddings = teacher.teacher_embeddings(img, None, None) "
-        "if teacher is not None else None\n"
-        "    loss = head_loss(module_partial_fc, cfg.distill, local_embeddings, "
-        "teacher_embeddings, local_labels, epoch)"),
+        "    loss = fork_head_loss(module_partial_fc, cfg, backbone, teacher, img, "
+        "local_embeddings, local_labels, epoch)"),
 }
 
 
@@ -246,20 +247,7 @@ def _config_anchor(src: _Source) -> Tuple[ast.stmt, str]:
 
 
 def _config_edit(stmt: ast.stmt, cfg: str, src: _Source) -> _Edit:
-    lines = [
-        f"if \"distill\" not in {cfg}:  # the fork's own jobs name no method: they train as before",
-        f"    {cfg}.distill = \"none\"",
-        f"apply_distill_defaults({cfg})",
-        f"if {cfg}.distill != \"none\":",
-        f"    if {cfg}.teacher_cache:",
-        "        raise ValueError(",
-        "            \"config key 'teacher_cache' is set, but a patched train_v2.py runs the \"",
-        "            \"teacher online: its loader yields (img, labels) without the sample \"",
-        "            \"index and flip flag the teacher-embedding cache is keyed by; set \"",
-        "            \"teacher_cache = None, or train with train_distill.py, which reads the \"",
-        "            \"cache\")",
-        f"    check_config({cfg})",
-    ]
+    lines = [f"prepare_fork_config({cfg})  # checks our jobs; the fork's own stay untouched"]
     return _Edit(stmt.end_lineno, stmt.end_lineno, src.indent(stmt), lines)
 
 
@@ -274,7 +262,7 @@ def _head_edits(src: _Source, cfg: str) -> Tuple[List[_Edit], List[str], List[as
         first, last = call.lineno, call.end_lineno
         start = src.col(first, call.col_offset)
         stop = src.col(last, call.end_col_offset)
-        choice = f"build_head({cfg}) if {cfg}.distill != \"none\" else "
+        choice = f"build_head({cfg}) if distill_method({cfg}) != \"none\" else "
         new = [src.line(n) for n in range(stmt.lineno, stmt.end_lineno + 1)]
         i, j = first - stmt.lineno, last - stmt.lineno
         if chained:  # (build_head(cfg) if ... else PartialFC_V2(...)).cuda(): mirror the fork
@@ -294,12 +282,31 @@ def _head_edits(src: _Source, cfg: str) -> Tuple[List[_Edit], List[str], List[as
     return edits, names, stmts
 
 
-def _backbone_anchor(src: _Source, before_line: int) -> str:
+def _backbone_anchor(src: _Source, before_line: int) -> Tuple[str, ast.stmt, ast.Call]:
     for stmt in src.statements():
         assigned = _assigned(stmt)
-        if assigned and stmt.lineno < before_line and _find_call(assigned[1], "get_model"):
-            return assigned[0]
+        call = _find_call(assigned[1], "get_model") if assigned else None
+        if call is not None and stmt.lineno < before_line:
+            return assigned[0], stmt, call
     raise AnchorNotFound(src.filename, "backbone")
+
+
+def _backbone_edit(src: _Source, stmt: ast.stmt, call: ast.Call, cfg: str) -> _Edit:
+    """``get_model(...)`` -> ``model_builder(cfg, get_model)(...)`` (same arguments, same
+    chaining): the fork's own builder for its jobs, our resolver for ours."""
+    func = call.func
+    line = func.end_lineno
+    new = [src.line(n) for n in range(stmt.lineno, stmt.end_lineno + 1)]
+    i = line - stmt.lineno
+    if func.lineno != line:
+        raise AnchorNotFound(src.filename, "backbone",
+                             f"line {stmt.lineno}: the name of get_model spans lines")
+    start, stop = src.col(line, func.col_offset), src.col(line, func.end_col_offset)
+    new[i] = new[i][:start] + f"model_builder({cfg}, {new[i][start:stop]})" + new[i][stop:]
+    indent = src.indent(stmt)
+    return _Edit(stmt.lineno - 1, stmt.end_lineno, indent,
+                 [text[len(indent):] if text.startswith(indent) else text.lstrip()
+                  for text in new])
 
 
 def _loss_anchor(src: _Source, heads: Sequence[str]) -> Tuple[ast.stmt, ast.Call]:
@@ -356,7 +363,8 @@ def _epoch_name(src: _Source, stmt: ast.stmt) -> str:
                          f"no enclosing `for <epoch> in range(...)` around line {stmt.lineno}")
 
 
-def _loss_edit(src: _Source, stmt: ast.stmt, call: ast.Call, head: str, cfg: str) -> _Edit:
+def _loss_edit(src: _Source, stmt: ast.stmt, call: ast.Call, head: str, cfg: str,
+               backbone: str) -> _Edit:
     indent = src.indent(stmt)
     embeddings, labels = call.args
     images = _images_source(src, stmt, embeddings)
@@ -368,10 +376,8 @@ def _loss_edit(src: _Source, stmt: ast.stmt, call: ast.Call, head: str, cfg: str
     target = first[len(indent):src.col(stmt.lineno, call.col_offset)]
     tail = src.line(call.end_lineno)[src.col(call.end_lineno, call.end_col_offset):]
     lines = [
-        "teacher_embeddings = (",
-        f"    teacher.teacher_embeddings({images}, None, None) if teacher is not None else None)",
-        f"{target}head_loss(",
-        f"    {head}, {cfg}.distill, {src.segment(embeddings)}, teacher_embeddings,",
+        f"{target}fork_head_loss(",
+        f"    {head}, {cfg}, {backbone}, teacher, {images}, {src.segment(embeddings)},",
         f"    {src.segment(labels)}, {epoch}){tail}",
     ]
     return _Edit(stmt.lineno - 1, stmt.end_lineno, indent, lines)
@@ -386,7 +392,7 @@ def _teacher_edit(src: _Source, outer: ast.stmt, cfg: str, backbone: str,
         raise AnchorNotFound(src.filename, "loss",
                              f"the training loop (line {outer.lineno}) starts before line "
                              f"{late[0]}, which the teacher must follow")
-    line = f"teacher = build_teacher_source({cfg}, device=next({backbone}.parameters()).device)"
+    line = f"teacher = build_fork_teacher({cfg}, {backbone})"
     return _Edit(outer.lineno - 1, outer.lineno - 1, src.indent(outer), [line])
 
 
@@ -423,10 +429,15 @@ def _edits(src: _Source) -> List[_Edit]:
     loops = _loops(src, loss_stmt)
     if not loops:
         raise AnchorNotFound(src.filename, "loss", f"line {loss_stmt.lineno} is not in a loop")
-    backbone = _backbone_anchor(src, loops[-1].lineno)
-    teacher = _teacher_edit(src, loops[-1], cfg, backbone, [config_stmt, *head_stmts])
-    loss = _loss_edit(src, loss_stmt, call, call.func.id, cfg)
-    return [imports, _config_edit(config_stmt, cfg, src), *head_edits, teacher, loss]
+    backbone, backbone_stmt, backbone_call = _backbone_anchor(src, loops[-1].lineno)
+    if backbone_stmt in head_stmts:
+        raise AnchorNotFound(src.filename, "backbone",
+                             f"line {backbone_stmt.lineno} also builds the head")
+    teacher = _teacher_edit(src, loops[-1], cfg, backbone,
+                            [config_stmt, backbone_stmt, *head_stmts])
+    loss = _loss_edit(src, loss_stmt, call, call.func.id, cfg, backbone)
+    return [imports, _config_edit(config_stmt, cfg, src),
+            _backbone_edit(src, backbone_stmt, backbone_call, cfg), *head_edits, teacher, loss]
 
 
 def revert_source(text: str, filename: str = "train_v2.py") -> str:
@@ -493,14 +504,21 @@ class PatchResult:
     backup: Optional[str]
 
 
-def _atomic_write(path: str, text: str) -> None:
+def _atomic_write(path: str, text: str, mode_from: Optional[str] = None) -> None:
+    """Write ``text`` to ``path`` through a temporary file + rename; the file gets the mode of
+    ``mode_from`` (default: of ``path`` itself when it exists)."""
     folder = os.path.dirname(os.path.abspath(path))
     handle, tmp = tempfile.mkstemp(prefix=".kdface_", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
             out.write(text)
-        if os.path.exists(path):
-            shutil.copymode(path, tmp)
+        model = mode_from or path
+        if os.path.exists(model):
+            shutil.copymode(model, tmp)
+        else:  # a new file: what open() would have made under the user's umask
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -512,8 +530,10 @@ def patch_file(path: str, dry_run: bool = False, revert: bool = False) -> PatchR
     """Patch (or with ``revert`` un-patch) the file at ``path``.
 
     Writes nothing when ``dry_run``, when nothing changes, or when an anchor is missing (then
-    AnchorNotFound propagates).  Otherwise saves the current content as ``<path>.orig`` and
-    replaces the file atomically.
+    AnchorNotFound propagates).  Otherwise replaces the file atomically, keeping its mode; a
+    patch first saves the current content as ``<path>.orig`` (with the file's mode).  A revert
+    writes no backup and leaves ``.orig`` alone: it restores the original exactly, and the
+    patched file is one ``patch`` away.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file; pass the fork's "
@@ -526,8 +546,10 @@ def patch_file(path: str, dry_run: bool = False, revert: bool = False) -> PatchR
                                         tofile=path + (" (reverted)" if revert else " (patched)")))
     if dry_run or after == before:
         return PatchResult(after != before, diff, None)
-    backup = path + ".orig"
-    _atomic_write(backup, before)
+    backup = None
+    if not revert:
+        backup = path + ".orig"
+        _atomic_write(backup, before, mode_from=path)
     _atomic_write(path, after)
     return PatchResult(True, diff, backup)
 
@@ -552,7 +574,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.write(result.diff)
         print(f"(dry run: {args.train_v2} would be {action}; nothing written)")
     else:
-        print(f"{args.train_v2}: {action} (previous content saved as {result.backup})")
+        saved = f" (previous content saved as {result.backup})" if result.backup else ""
+        print(f"{args.train_v2}: {action}{saved}")
     return 0
 
 

@@ -49,8 +49,6 @@ DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
     "lr_schedule": ("polynomial", "polynomial (arcface_torch, with warmup) | step | cosine"),
     "lr_steps": ((7, 13, 19, 24), "0-based epochs from which the step schedule multiplies lr by 0.1"),
     "grad_clip": (5.0, "max gradient norm of the student; 0 disables clipping"),
-    "grad_reduction": ("exact", "exact: gradient of the global-batch mean loss on any world size; "
-                                "arcface_torch: DDP averages over ranks as upstream (gradient / W)"),
     "save_every": (2000, "checkpoint every this many optimizer steps (and at each epoch end)"),
     "keep_checkpoints": (2, "how many step checkpoints to keep"),
     "max_nonfinite": (20, "stop after this many non-finite losses in a row (each one is skipped)"),
@@ -58,6 +56,17 @@ DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
     "skip_bad_records": (False, "skip undecodable records (counted and logged) instead of failing"),
     "start_over": (False, "a fresh run into an output folder holding checkpoints deletes them "
                           "(otherwise it refuses; --start-over on the command line)"),
+}
+
+# Keys that existed once and were removed: key -> why, and what to do.  A config that still sets
+# one is refused (ValueError naming the key), never silently ignored.
+REMOVED_KEYS: Dict[str, str] = {
+    "grad_reduction": (
+        "every training path now gives the student the gradient of the "
+        "global-batch mean loss, the same on any GPU count -- which is what upstream "
+        "arcface_torch does too (PartialFC_V2 multiplies the gathered embedding gradient by the "
+        "world size before DDP averages), so its old 'arcface_torch' mode (gradient / W) "
+        "reproduced no upstream behaviour; delete the line"),
 }
 
 # Keys that arcface_torch's job configs add to its base config.
@@ -87,7 +96,7 @@ KEY_TYPES: Dict[str, tuple] = {
     "teacher_cache_force": _BOOL, "flip": _BOOL, "gkd_temperature": _NUM, "gkd_alpha": _NUM,
     "gkd_beta": _NUM, "gkd_lamda": _NUM, "gkd_k": _INT, "gkd_tau": (int, float, type(None)),
     "gkd_rank_by": _STR, "gkd_warmup_epochs": _NUM, "lr_schedule": _STR, "lr_steps": _SEQ,
-    "grad_clip": _NUM, "nesterov": _BOOL, "grad_reduction": _STR, "save_every": _INT, "keep_checkpoints": _INT,
+    "grad_clip": _NUM, "nesterov": _BOOL, "save_every": _INT, "keep_checkpoints": _INT,
     "max_nonfinite": _INT, "max_steps": (int, type(None)), "skip_bad_records": _BOOL,
     "start_over": _BOOL,
 }
@@ -106,7 +115,6 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "margin_grad": ("straight_through", "exact"),
     "gkd_rank_by": ("student", "teacher"),
     "lr_schedule": ("polynomial", "step", "cosine"),
-    "grad_reduction": ("exact", "arcface_torch"),
     "optimizer": ("sgd", "adamw"),
 }
 
@@ -125,7 +133,13 @@ def closest_key(key: str, known: Iterable[str]) -> str:
     return match[0] if match else ""
 
 
+def removed_key_message(key: str, source: str) -> str:
+    return f"{source}: config key '{key}' was removed: {REMOVED_KEYS[key]}"
+
+
 def unknown_key_message(key: str, source: str, known: Iterable[str]) -> str:
+    if key in REMOVED_KEYS:
+        return removed_key_message(key, source)
     hint = closest_key(key, known)
     suggestion = f" -- did you mean '{hint}'?" if hint else ""
     return (f"{source}: unknown config key '{key}'{suggestion} "
@@ -133,7 +147,11 @@ def unknown_key_message(key: str, source: str, known: Iterable[str]) -> str:
 
 
 def check_types(cfg: Mapping[str, Any], source: str) -> None:
-    """Raise ValueError naming the key, its value and the expected type or choices."""
+    """Raise ValueError naming the key, its value and the expected type or choices (or why a
+    removed key is refused)."""
+    for key in REMOVED_KEYS:
+        if key in cfg:
+            raise ValueError(removed_key_message(key, source))
     for key, types in KEY_TYPES.items():
         if key not in cfg:
             continue

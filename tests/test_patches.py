@@ -239,45 +239,49 @@ def block_of(text: str, needle: str) -> str:
 
 def test_patch_places_every_change_by_meaning():
     out = patcher.patch_source(TRAIN_V2)
-    assert out.count("# >>> kdface distill") == out.count("# <<< kdface distill") == 6
+    assert out.count("# >>> kdface distill") == out.count("# <<< kdface distill") == 7
     assert block_of(out, "from host.factory") == (
         "# >>> kdface distill\n"
-        "from host.factory import build_head, build_teacher_source, check_config, head_loss\n"
-        "from plugins.config_defaults import apply_distill_defaults\n"
+        "from host.factory import build_head\n"
+        "from host.fork_loop import (build_fork_teacher, distill_method, fork_head_loss, "
+        "model_builder,\n"
+        "                            prepare_fork_config)\n"
         "# <<< kdface distill\n")
     # right after the last import, before the process-group block
     assert "import setup_seed\n# >>> kdface distill\nfrom host.factory" in out
-    config = block_of(out, "apply_distill_defaults(cfg)")
+    config = block_of(out, "prepare_fork_config(cfg)")
     assert out.index("    cfg = get_config(args.config)\n") + len(
         "    cfg = get_config(args.config)\n") == out.index(config)
-    assert config.splitlines()[1:6] == [
-        '    if "distill" not in cfg:  # the fork\'s own jobs name no method: they train as before',
-        '        cfg.distill = "none"',
-        "    apply_distill_defaults(cfg)",
-        '    if cfg.distill != "none":',
-        "        if cfg.teacher_cache:"]
-    assert config.splitlines()[-2] == "        check_config(cfg)"
+    assert config.splitlines()[1:-1] == [
+        "    prepare_fork_config(cfg)  # checks our jobs; the fork's own stay untouched"]
+    # the student goes through the plugin's resolver (the fork's builder for the fork's jobs)
+    assert block_of(out, "model_builder(cfg, get_model)") == (
+        "    # >>> kdface distill: replaces the statement kept below as #| comments\n"
+        "    #| backbone = get_model(\n"
+        "    #|     cfg.network, dropout=0.0, fp16=cfg.fp16, num_features=cfg.embedding_size)"
+        ".to(device)\n"
+        "    backbone = model_builder(cfg, get_model)(\n"
+        "        cfg.network, dropout=0.0, fp16=cfg.fp16, num_features=cfg.embedding_size)"
+        ".to(device)\n"
+        "    # <<< kdface distill\n")
     # both optimizer branches: the construction is kept verbatim for "none"
-    assert out.count("module_partial_fc = build_head(cfg) if cfg.distill != \"none\" else "
-                     "PartialFC_V2(\n            margin_loss, cfg.embedding_size, "
+    assert out.count("module_partial_fc = build_head(cfg) if distill_method(cfg) != \"none\" "
+                     "else PartialFC_V2(\n            margin_loss, cfg.embedding_size, "
                      "cfg.num_classes,\n            cfg.sample_rate, cfg.fp16)\n") == 2
     assert out.count("        module_partial_fc.train().to(device)\n") == 2  # untouched
-    teacher = block_of(out, "build_teacher_source(")
+    teacher = block_of(out, "build_fork_teacher(cfg")
     assert teacher == (
         "    # >>> kdface distill\n"
-        "    teacher = build_teacher_source(cfg, device=next(backbone.parameters()).device)\n"
+        "    teacher = build_fork_teacher(cfg, backbone)\n"
         "    # <<< kdface distill\n")
     assert out.index(teacher) + len(teacher) == out.index(
         "    for epoch in range(start_epoch, cfg.num_epoch):")
-    loss = block_of(out, "head_loss(")
+    loss = block_of(out, "fork_head_loss(")
     assert loss == (
         "            # >>> kdface distill: replaces the statement kept below as #| comments\n"
         "            #| loss: torch.Tensor = module_partial_fc(local_embeddings, local_labels)\n"
-        "            teacher_embeddings = (\n"
-        "                teacher.teacher_embeddings(img, None, None) if teacher is not None "
-        "else None)\n"
-        "            loss: torch.Tensor = head_loss(\n"
-        "                module_partial_fc, cfg.distill, local_embeddings, teacher_embeddings,\n"
+        "            loss: torch.Tensor = fork_head_loss(\n"
+        "                module_partial_fc, cfg, backbone, teacher, img, local_embeddings,\n"
         "                local_labels, epoch)\n"
         "            # <<< kdface distill\n")
 
@@ -300,13 +304,16 @@ def test_patch_follows_the_forks_names_and_chaining():
     fork = renamed.replace(two_statements, chained)
     assert fork != renamed
     out = patcher.patch_source(fork)
-    assert ('        pfc = (build_head(conf) if conf.distill != "none" else PartialFC_V2('
+    assert ('        pfc = (build_head(conf) if distill_method(conf) != "none" else PartialFC_V2('
             'margin_loss, conf.embedding_size, conf.num_classes)).train().cuda()\n') in out
-    assert "    teacher = build_teacher_source(conf, device=next(net.parameters()).device)\n" in out
-    assert "teacher.teacher_embeddings(batch, None, None)" in out
-    assert "head_loss(\n                pfc, conf.distill, feats, teacher_embeddings,\n" \
+    assert "    teacher = build_fork_teacher(conf, net)\n" in out
+    assert "    net = model_builder(conf, get_model)(\n" in out
+    assert "fork_head_loss(\n                pfc, conf, net, teacher, batch, feats,\n" \
            "                ids, ep)\n" in out
-    assert "    apply_distill_defaults(conf)\n" in out and "    check_config(conf)\n" in out
+    assert "    prepare_fork_config(conf)  #" in out
+    # a module-qualified builder keeps its qualification
+    qualified = patcher.patch_source(fork.replace("    net = get_model(", "    net = backbones.get_model("))
+    assert "    net = model_builder(conf, backbones.get_model)(\n" in qualified
 
 
 def test_patch_is_idempotent_and_reverts_exactly():
@@ -316,7 +323,7 @@ def test_patch_is_idempotent_and_reverts_exactly():
     assert patcher.revert_source(once) == TRAIN_V2
     # a code formatter turns "#|" into "# |" and re-wraps our lines: revert still restores
     formatted = once.replace("#| ", "# | ").replace(
-        "teacher_embeddings = (\n                teacher.", "teacher_embeddings = (teacher.")
+        "fork_head_loss(\n                module_partial_fc,", "fork_head_loss(module_partial_fc,")
     assert formatted != once and patcher.revert_source(formatted) == TRAIN_V2
     crlf = TRAIN_V2.replace("\n", "\r\n")  # Windows line endings survive both ways
     patched = patcher.patch_source(crlf)
@@ -408,6 +415,7 @@ def test_ambiguous_loss_call_is_refused():
 
 def test_cli_dry_run_patch_repatch_and_revert(tmp_path):
     path = patched_path(tmp_path)
+    os.chmod(path, 0o754)  # an executable script: the backup and the patched file keep its mode
     script = os.path.join(REPO, "patches", "patch_train_v2.py")
 
     def cli(*flags):
@@ -418,7 +426,7 @@ def test_cli_dry_run_patch_repatch_and_revert(tmp_path):
     assert dry.returncode == 0, dry.stderr
     assert open(path).read() == TRAIN_V2 and sorted(os.listdir(tmp_path)) == ["train_v2.py"]
     assert dry.stdout.startswith(f"--- {path}\n+++ {path} (patched)\n")
-    assert "+                teacher.teacher_embeddings(img, None, None) if teacher is not None" \
+    assert "+                module_partial_fc, cfg, backbone, teacher, img, local_embeddings," \
         in dry.stdout
     assert "-            loss: torch.Tensor = module_partial_fc(local_embeddings, local_labels)" \
         in dry.stdout
@@ -429,6 +437,8 @@ def test_cli_dry_run_patch_repatch_and_revert(tmp_path):
     patched = open(path).read()
     assert patched == patcher.patch_source(TRAIN_V2)
     assert open(path + ".orig").read() == TRAIN_V2
+    assert os.stat(path).st_mode & 0o777 == 0o754
+    assert os.stat(path + ".orig").st_mode & 0o777 == 0o754
 
     again = cli()
     assert again.returncode == 0 and "already patched, nothing to do" in again.stdout
@@ -436,6 +446,12 @@ def test_cli_dry_run_patch_repatch_and_revert(tmp_path):
 
     back = cli("--revert")
     assert back.returncode == 0 and open(path).read() == TRAIN_V2
+    assert back.stdout.strip() == f"{path}: reverted"
+    # the revert leaves the backup of the original alone (it used to overwrite it with the
+    # patched text), and the reverted file keeps its mode
+    assert open(path + ".orig").read() == TRAIN_V2
+    assert os.stat(path).st_mode & 0o777 == 0o754
+    assert sorted(os.listdir(tmp_path)) == ["train_v2.py", "train_v2.py.orig"]
     missing = subprocess.run([PYTHON, script, str(tmp_path / "nope.py")], capture_output=True,
                              text=True, timeout=60)
     assert missing.returncode == 1 and "no such file" in missing.stderr

@@ -1,0 +1,132 @@
+"""What a fork's patched ``train_v2.py`` calls (patches/patch_train_v2.py writes the calls).
+
+The fork's own loop keeps its optimizer, LR schedule, clipping, checkpoints and DDP; the plugin
+adds the head, the teacher, the student/teacher name resolution and the gradient convention.
+``prepare_fork_config`` checks at start-up what that loop can honour (patches/README.md lists
+every key): unsupported values are refused or warned about by name, and the keys the loop never
+reads are dropped from the config so the fork's config dump shows only what is in effect.  A job
+that sets no ``distill`` key is one of the fork's own: nothing here touches it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from host.factory import build_teacher_source, check_config, head_loss
+from plugins.config_defaults import apply_distill_defaults, check_types
+from plugins.ddp_gradient import undo_ddp_average
+
+LOG = logging.getLogger("kdface.fork_loop")
+
+# key -> (what the fork's loop does instead, predicate "the value is what the loop does anyway").
+# arcface_torch's train_v2.py: PolynomialLRWarmup, plain SGD momentum (no Nesterov), backbone
+# gradient norm clipped at 5, RandomHorizontalFlip in its dataset, num_epoch epochs, checkpoints
+# at epoch ends (save_all_states), no guard against non-finite losses.
+NOT_HONOURED: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
+    "lr_schedule": ("the fork's own schedule (arcface_torch: polynomial decay with warm-up)",
+                    lambda v: v == "polynomial"),
+    "lr_steps": ("the fork's own schedule (no step decay)", lambda v: False),
+    "nesterov": ("the fork's own optimizer (arcface_torch: SGD without Nesterov)",
+                 lambda v: v is False),
+    "grad_clip": ("the fork's own clipping (arcface_torch: backbone gradient norm 5)",
+                  lambda v: float(v) == 5.0),
+    "max_steps": ("the fork trains num_epoch full epochs", lambda v: v is None),
+    "flip": ("the fork's own augmentation (arcface_torch: random horizontal flip)",
+             lambda v: v is True),
+    "save_every": ("the fork's own checkpoints (arcface_torch: each epoch end)", lambda v: False),
+    "keep_checkpoints": ("the fork's own checkpoints", lambda v: False),
+    "max_nonfinite": ("the fork's own loop (no non-finite loss guard)", lambda v: False),
+    "skip_bad_records": ("the fork's own loader (a bad record fails)", lambda v: v is False),
+    "teacher_cache_force": ("no teacher cache in the fork's loop", lambda v: v is False),
+}
+# the fork's PartialFC_V2 (distill = "none") builds its margin with its own scale (upstream: 64)
+FORK_MARGIN_SCALE = 64.0
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def distill_method(cfg) -> str:
+    """``cfg.distill``, or ``"none"`` for a fork job that sets no ``distill`` key."""
+    return cfg.get("distill", "none")
+
+
+def prepare_fork_config(cfg) -> None:
+    """Start-up checks of a job in the patched loop (in place); a job without ``distill`` is
+    left exactly as the fork loaded it.
+
+    Raises ValueError for a removed key (``grad_reduction``), a wrong type, ``teacher_cache`` set
+    (the fork's loader yields no sample index / flip flag), and everything ``check_config``
+    refuses.  Logs one warning per key the job sets to a value the fork's loop does not honour.
+    """
+    if "distill" not in cfg:
+        return
+    source = f"configs/{cfg.get('config_name', '<job>')}.py"
+    set_by_job = {key: cfg[key] for key in NOT_HONOURED if key in cfg}
+    apply_distill_defaults(cfg)
+    check_types(cfg, source)
+    if cfg.teacher_cache:
+        raise ValueError("config key 'teacher_cache' is set, but a patched train_v2.py runs the "
+                         "teacher online: its loader yields (img, labels) without the sample "
+                         "index and flip flag the teacher-embedding cache is keyed by; set "
+                         "teacher_cache = None, or train with train_distill.py, which reads the "
+                         "cache")
+    if cfg.distill != "none":
+        check_config(cfg)
+    ignored = [(key, value, NOT_HONOURED[key][0]) for key, value in set_by_job.items()
+               if not NOT_HONOURED[key][1](value)]
+    if cfg.distill == "none" and float(cfg.margin_scale) != FORK_MARGIN_SCALE:
+        ignored.append(("margin_scale", cfg.margin_scale,
+                        f"the fork's PartialFC_V2 margin scale (arcface_torch: "
+                        f"{FORK_MARGIN_SCALE:g}); distill = 'none' trains the fork's own head"))
+    if _is_rank0():
+        for key, value, instead in ignored:
+            LOG.warning("config key '%s' = %r is not honoured by the patched train_v2.py: it "
+                        "uses %s (train with train_distill.py for the full recipe)",
+                        key, value, instead)
+    for key in NOT_HONOURED:   # never read by the fork's loop: out of its config dump
+        cfg.pop(key, None)
+
+
+def model_builder(cfg, fork_get_model: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """The student's builder: the fork's ``get_model`` for its own jobs (no ``distill`` key);
+    for ours ``plugins.backbones.resolve_model`` (the fork's names first, then the bundled ones;
+    an unknown name lists the valid ones)."""
+    if "distill" not in cfg:
+        return fork_get_model
+    from plugins.backbones import resolve_model
+    return resolve_model
+
+
+def build_fork_teacher(cfg, backbone: nn.Module):
+    """The frozen teacher on the backbone's device, or None (no teacher / the fork's own job)."""
+    if distill_method(cfg) == "none":
+        return None
+    return build_teacher_source(cfg, device=next(backbone.parameters()).device)
+
+
+def fork_head_loss(head: nn.Module, cfg, backbone: nn.Module, teacher: Optional[Any],
+                   images: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor,
+                   epoch: int) -> torch.Tensor:
+    """The loss of one step of the fork's loop.
+
+    ``distill = "none"``: the fork's own ``head(embeddings, labels)`` untouched (PartialFC_V2
+    already scales its gather gradient by W).  Otherwise the plugin's head on ``embeddings``
+    [B, D] whose gradient is multiplied by the backbone's DDP world size W
+    (``plugins.ddp_gradient.undo_ddp_average``): after the fork's DDP averages, the backbone
+    gets the gradient of the global-batch mean loss, the same on any W, like upstream's own path.
+    """
+    method = distill_method(cfg)
+    if method == "none":
+        return head(embeddings, labels)
+    teacher_embeddings = None
+    if teacher is not None:
+        teacher_embeddings = teacher.teacher_embeddings(images, None, None).float()
+    return head_loss(head, method, undo_ddp_average(embeddings, backbone), teacher_embeddings,
+                     labels, epoch)
+

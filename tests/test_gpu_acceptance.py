@@ -1,4 +1,5 @@
 """bench/gpu_acceptance.py keeps working: its CPU quick mode end to end, and its failure rules."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -36,8 +37,9 @@ def test_cpu_quick_mode_passes_every_stage(tmp_path):
 
 
 def _args(tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "bench"))
-    import gpu_acceptance
+    spec = importlib.util.spec_from_file_location("gpu_acceptance", SCRIPT)
+    gpu_acceptance = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_acceptance)
     args = gpu_acceptance.build_parser().parse_args(
         ["--device", "cpu", "--quick", "--launch", "inprocess", "--workdir",
          str(tmp_path / "w")])

@@ -78,7 +78,7 @@ class PrecisionPlan:
         return self.autocast_dtype
 
     def grad_scaler(self, **options) -> torch.amp.GradScaler:
-        """``GradScaler(device_type, **options)`` (e.g. ``init_scale``), enabled for float16 only."""
+        """``GradScaler(device_type, **options)`` (e.g. init_scale), enabled for float16 only."""
         return torch.amp.GradScaler(self.device_type, enabled=self.use_scaler, **options)
 
     def memory_format(self, x: Union[nn.Module, torch.Tensor]) -> Union[nn.Module, torch.Tensor]:

@@ -2,9 +2,9 @@
 
 ``TeacherHook`` puts the network in eval mode for good (``train()`` on a parent module does not
 reach it), freezes every parameter, and runs the forward pass under ``torch.inference_mode`` --
-with channels_last and float16 autocast on GPUs (any dtype, CPU included, on request).  It returns the raw fp32
-embeddings ``f_t [B, D]`` (not L2-normalised: the heads normalise) as an ordinary tensor, so the
-student's loss may use them in its autograd graph.
+with channels_last and float16 autocast on GPUs (any autocast dtype, CPU included, on request).
+It returns the raw fp32 embeddings ``f_t [B, D]`` (not L2-normalised: the heads normalise) as an
+ordinary tensor, so the student's loss may use them in its autograd graph.
 
 ``TeacherHook`` and ``plugins.teacher_cache.TeacherEmbeddingCache`` are the two "teacher
 embedding sources" of a training step; both offer ``teacher_embeddings(images, index, flipped)``

@@ -10,7 +10,9 @@ Variants, each a full optimizer step on the same batch:
   (c) alone:   the student with the standalone margin head (ArcFace, learned weights)
 The variants are interleaved round by round (a, b, c, then c, b, a, ...) so that machine load
 affects them alike; the median per variant is reported, and every round's times.  The projection for ``--epochs`` epochs counts the
-cache build (two teacher forwards per image, once) at its measured cost per image.
+cache build (two teacher forwards per image, once) at its measured cost per image.  Last, the
+cache build throughput of the same teacher exported to ONNX and run by onnxruntime
+(``teacher_network = "onnx"``) beside the torch one (``--onnx-rounds``, 0 skips it).
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=26, help="epochs of the projected run")
     parser.add_argument("--teacher", default="r50")
     parser.add_argument("--student", default="mobilefacenet")
+    parser.add_argument("--onnx-rounds", type=int, default=2,
+                        help="cache builds per teacher for the ONNX-teacher comparison (0: skip)")
     return parser.parse_args()
 
 
@@ -144,6 +148,49 @@ def main() -> None:
     print(f"  online teacher            x{run_online / run_alone:5.2f}")
     print(f"  cache build + cached run  x{run_cached / run_alone:5.2f}"
           f"   (build alone: x{build_per_image / run_alone:.2f})")
+    if args.onnx_rounds > 0:
+        onnx_build_throughput(args, data, work)
+
+
+def onnx_build_throughput(args: argparse.Namespace, data: str, work: str) -> None:
+    """Cache build throughput of the teacher exported to ONNX and run by onnxruntime
+    (``teacher_network = "onnx"``) beside the same teacher in torch, builds interleaved
+    (torch, onnx, then onnx, torch, ...), median per teacher; plus the largest
+    ``|cos - 1|`` between the two caches' embeddings."""
+    import numpy as np
+
+    from host.onnx_export import export_onnx
+    from plugins.onnx_teacher import OnnxTeacher
+
+    torch.manual_seed(2)
+    model = resolve_model(args.teacher).eval()
+    teachers = {"torch": TeacherHook(model)}
+    path = export_onnx(model, os.path.join(work, f"{args.teacher}.onnx"))
+    teachers["onnx"] = OnnxTeacher(path, embedding_size=512)
+    plain = FaceRecordDataset(data, flip=False)
+    times: Dict[str, List[float]] = {name: [] for name in teachers}
+    folders: Dict[str, str] = {}
+    for round_ in range(args.onnx_rounds):
+        for name in (list(teachers) if round_ % 2 == 0 else list(teachers)[::-1]):
+            folder = os.path.join(work, f"cache_{name}_{round_}")
+            meta = cache_identity(teachers[name].digest, name, data, len(plain), 512)
+            times[name].append(timed(lambda: build_teacher_cache(
+                teachers[name], plain, folder, meta, batch_size=args.batch_size, num_workers=0,
+                dtype="float32", progress=False)))
+            folders[name] = folder
+    tables = {name: torch.from_numpy(np.load(os.path.join(folder, "embeddings.npy")))
+              for name, folder in folders.items()}
+    cos = torch.nn.functional.cosine_similarity(tables["onnx"].double(),
+                                                tables["torch"].double(), dim=-1)
+    rate = {name: len(plain) / statistics.median(t) for name, t in times.items()}
+    print(f"cache build, {args.teacher} teacher as torch vs as ONNX (onnxruntime "
+          f"{teachers['onnx'].providers[0]}), {len(plain)} images x 2 views, "
+          f"{args.onnx_rounds} interleaved builds each (median):")
+    for name in teachers:
+        rounds = " ".join(f"{t:.2f}" for t in times[name])
+        print(f"  {name:6s} {rate[name]:8.1f} images/s   (builds, s: {rounds})")
+    print(f"  onnx / torch build throughput x{rate['onnx'] / rate['torch']:.2f}; "
+          f"max |cos - 1| between the caches {float((cos - 1).abs().max()):.1e}")
 
 
 if __name__ == "__main__":

@@ -1,33 +1,16 @@
-"""ArcDistill, AdaDistill's baseline (IJB-C 91.70 / 84.57): the margin softmax of the student
-against the teacher's trained classifier, kept frozen as fixed class centers.
+"""ArcDistill, AdaDistill's fixed-center baseline, ArcFace m = 0.50 (AdaDistill paper: IJB-C
+91.70 / 84.57; the row sits in the ablation block run with m = 0.50).
 
-Needs the teacher's classifier: arcface_torch ``checkpoint_gpu_*.pt`` shards (saved with
-save_all_states=True, any GPU count) or a full [C, D] / [D, C] file.  Same margin and schedule as
-ms1mv2_mbf_adadistill, so only the centers differ.
-"""
-from easydict import EasyDict as edict
+The margin softmax of the student against the teacher's trained classifier, kept frozen as fixed
+class centers (official train/train_AMLDistill.py).  The classifier comes from the teacher run
+(configs/ms1mv2_r50_arcface_teacher writes classifier.pt, [C, D]); arcface_torch
+``checkpoint_gpu_*.pt`` shards of any GPU count work too.  Everything else is
+configs/ms1mv2_mbf_adadistill (lr 0.1 at global batch 512, step decay, clip 5, fp32)."""
+import copy
 
-config = edict()
-config.output = None   # work_dirs/<this file name>; a fork's base.py may set a fixed folder
+from configs.ms1mv2_mbf_adadistill import config as _paper
+
+config = copy.deepcopy(_paper)
 config.distill = "arcdistill"
-config.margin_list = (1.0, 0.45, 0.0)
-config.margin_scale = 64.0
-config.network = "mobilefacenet"
-config.embedding_size = 512
-config.teacher_network = "r50"
-config.teacher_checkpoint = "work_dirs/teachers/ms1mv2_r50/backbone.pth"  # placeholder
-config.teacher_classifier = "work_dirs/teachers/ms1mv2_r50"  # placeholder: checkpoint_gpu_*.pt folder
-config.teacher_embedding_size = 512
-config.rec = "/train_tmp/faces_emore"  # placeholder: MS1MV2
-config.num_classes = 85742
-config.num_image = 5822653
-config.num_epoch = 26
-config.warmup_epoch = 0
-config.lr_schedule = "step"
-config.lr_steps = (8, 14, 20, 25)
-config.lr = 0.1
-config.weight_decay = 5e-4
-config.batch_size = 128
-config.grad_clip = 5.0
-config.grad_reduction = "exact"
-config.val_targets = ["lfw", "cfp_fp", "agedb_30", "calfw", "cplfw"]
+config.margin_list = (1.0, 0.50, 0.0)
+config.teacher_classifier = "work_dirs/ms1mv2_r50_arcface_teacher/classifier.pt"

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, Dict
+import sys
+import types
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator
 
 from easydict import EasyDict
 
@@ -41,6 +44,28 @@ def _load_module_config(path: str) -> Dict[str, Any]:
     return dict(module.config)
 
 
+@contextmanager
+def _configs_importable(root: str) -> Iterator[None]:
+    """Let a job file ``from configs.<paper job> import config`` (arcface_torch style) resolve to
+    ``root/configs`` (with or without an ``__init__.py``): while loading, ``configs`` is the
+    package of that folder; the modules cached before are put back afterwards."""
+    def cached() -> Dict[str, Any]:
+        return {n: m for n, m in sys.modules.items() if n == "configs" or n.startswith("configs.")}
+
+    saved = cached()
+    for name in saved:
+        del sys.modules[name]
+    package = types.ModuleType("configs")
+    package.__path__ = [os.path.abspath(os.path.join(root, "configs"))]
+    sys.modules["configs"] = package
+    try:
+        yield
+    finally:
+        for name in cached():
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
 def get_config(config_arg: str, root: str = ".") -> EasyDict:
     """Load ``configs/base.py`` + ``configs/<name>.py`` below ``root`` into an EasyDict.
 
@@ -50,8 +75,9 @@ def get_config(config_arg: str, root: str = ".") -> EasyDict:
     name = _job_name(config_arg)
     base_path = os.path.join(root, "configs", "base.py")
     job_path = os.path.join(root, "configs", f"{name}.py")
-    base = _load_module_config(base_path)
-    job = _load_module_config(job_path)
+    with _configs_importable(root):
+        base = _load_module_config(base_path)
+        job = _load_module_config(job_path)
     known = set(base) | set(ARCFACE_JOB_KEYS) | set(DISTILL_DEFAULTS)
     for key in job:
         if key not in known:

@@ -58,7 +58,11 @@ def check_config(cfg) -> None:
             raise FileNotFoundError(f"config key 'teacher_checkpoint' = {path!r}: file not found; "
                                     f"point it at the teacher's backbone.pth / model.pt "
                                     f"(or set teacher_cache to a built teacher-embedding cache)")
-    margin_from_list(cfg.margin_list)
+    kind, _ = margin_from_list(cfg.margin_list)
+    if method == "gkd" and kind != "cosface":
+        raise ValueError(f"distill='gkd' needs a CosFace margin_list (1.0, 0.0, m), got "
+                         f"{tuple(cfg.margin_list)}: GKD's logits are CosFace as in the official "
+                         f"code (an ArcFace margin is refused, not silently trained as CosFace)")
 
 
 def build_head(cfg, teacher_classifier: Optional[torch.Tensor] = None) -> nn.Module:
@@ -92,15 +96,22 @@ def build_head(cfg, teacher_classifier: Optional[torch.Tensor] = None) -> nn.Mod
         return head
     if method == "gkd":
         from plugins.gkd import GKDHead
+        if kind != "cosface":
+            raise ValueError(f"distill='gkd' needs a CosFace margin_list (1.0, 0.0, m): GKD's "
+                             f"student and teacher logits are CosFace as in the official code; "
+                             f"got margin_list = {tuple(cfg.margin_list)} (ArcFace is refused, "
+                             f"not silently trained as CosFace)")
         table = classifier(cfg.teacher_embedding_size)
         return GKDHead(cfg.embedding_size, cfg.num_classes, table, s=s, m=m,
                        temperature=cfg.gkd_temperature, alpha=cfg.gkd_alpha, beta=cfg.gkd_beta,
                        lamda=cfg.gkd_lamda, k=cfg.gkd_k, tau=cfg.gkd_tau,
                        rank_by=cfg.gkd_rank_by, warmup_epochs=cfg.gkd_warmup_epochs,
                        sample_rate=cfg.sample_rate,
-                       teacher_embedding_size=cfg.teacher_embedding_size)
+                       teacher_embedding_size=cfg.teacher_embedding_size,
+                       tau_batch=cfg.get("gkd_tau_batch"), margin=kind)
     margin_head = MarginSoftmaxHead(cfg.embedding_size, cfg.num_classes, margin=kind, s=s, m=m,
-                                    sample_rate=cfg.sample_rate)
+                                    sample_rate=cfg.sample_rate,
+                                    margin_grad=cfg.get("margin_grad", "straight_through"))
     if method == "none":
         return margin_head
     if method != "feature_mse":

@@ -22,7 +22,7 @@ from host.atomic_io import atomic_torch_save
 from host.checkpoint import CheckpointManager
 from host.factory import (build_head, build_teacher_source, check_config, head_loss,
                           teacher_class_means)
-from host.lr_schedule import schedule_from_config
+from host.lr_schedule import run_schedule
 from host.precision import precision_plan, scaler_step
 from host.runtime import (CONFIG_LOGGER, configure_cpu_threads, exact_gradient_hook, init_distributed,
                           seed_everything, setup_logging)
@@ -123,7 +123,7 @@ def train(cfg) -> dict:
         if cfg.grad_reduction == "exact":
             model.register_comm_hook(None, exact_gradient_hook)
     optimizer = _optimizer(cfg, student, head)
-    schedule = schedule_from_config(cfg, steps_per_epoch, steps_per_epoch * cfg.num_epoch)
+    schedule = run_schedule(cfg, steps_per_epoch, global_batch * acc, log=LOG)
     scaler = precision.grad_scaler()
     checkpoints = CheckpointManager(cfg.output, keep=cfg.keep_checkpoints)
 

@@ -16,8 +16,10 @@ DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
     "alpha": ("weighted", "AdaDistill EMA rate: weighted (the paper's alpha', default) | plain"),
     "margin_scale": (64.0, "scale s of the margin softmax (ArcFace / CosFace)"),
     "feature_kd_weight": (1.0, "feature_mse: weight lambda of the embedding MSE added to the margin loss"),
-    "teacher_network": ("r50", "teacher backbone name (fork's backbones first, then the bundled ones)"),
-    "teacher_checkpoint": (None, "teacher backbone weights: arcface_torch backbone.pth / model.pt"),
+    "teacher_network": ("r50", "teacher backbone name (fork's backbones first, then the bundled "
+                               "ones); 'onnx' for an insightface .onnx recognition model"),
+    "teacher_checkpoint": (None, "teacher backbone weights: arcface_torch backbone.pth / model.pt, "
+                                 "or the .onnx file when teacher_network = 'onnx'"),
     "teacher_embedding_size": (512, "teacher embedding size"),
     "teacher_classifier": (None, "teacher classifier: checkpoint_gpu_*.pt folder or [C, D] file "
                                  "(fixed centers of arcdistill/cosdistill, optional initial "
@@ -40,8 +42,16 @@ DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
     "gkd_rank_by": ("student", "GKD ranks classes by the student's (paper) or teacher's logits"),
     "gkd_warmup_epochs": (10, "GKD linear KD warm-up: weight min(epoch / this, 1)"),
     "nesterov": (False, "SGD with Nesterov momentum (the GKD recipe)"),
+    "lr_reference_batch": (None, "global batch at which 'lr' holds; a run of global batch G "
+                                 "uses lr * G / this (None: lr as written, no scaling)"),
+    "warmup_lr": (0.0, "cosine schedule: lr of the first warm-up step (timm warmup_lr_init)"),
+    "lr_min": (0.0, "cosine schedule: floor of the cosine (timm lr_min)"),
+    "margin_grad": ("straight_through", "distill none / feature_mse, ArcFace: straight_through "
+                                        "(arcface_torch) | exact (AdaDistill's own ArcFace)"),
+    "gkd_tau_batch": (None, "GKD adaptive k: samples (consecutive in the global batch) whose "
+                            "summed softmax sets one k; None: each GPU's own batch"),
     "lr_schedule": ("polynomial", "polynomial (arcface_torch, with warmup) | step | cosine"),
-    "lr_steps": ((8, 14, 20, 25), "epochs at which the step schedule multiplies lr by 0.1"),
+    "lr_steps": ((7, 13, 19, 24), "0-based epochs from which the step schedule multiplies lr by 0.1"),
     "grad_clip": (5.0, "max gradient norm of the student; 0 disables clipping"),
     "grad_reduction": ("exact", "exact: gradient of the global-batch mean loss on any world size; "
                                 "arcface_torch: DDP averages over ranks as upstream (gradient / W)"),
@@ -71,6 +81,8 @@ KEY_TYPES: Dict[str, tuple] = {
     "gradient_acc": _INT, "seed": _INT, "num_workers": _INT, "frequent": _INT, "verbose": _INT,
     "network": _STR, "optimizer": _STR, "rec": _STR, "output": _OPT_STR, "margin_list": _SEQ,
     "val_targets": _SEQ,
+    "lr_reference_batch": (int, type(None)), "warmup_lr": _NUM, "lr_min": _NUM,
+    "margin_grad": _STR, "gkd_tau_batch": (int, type(None)),
     "distill": _STR, "alpha": _STR, "margin_scale": _NUM, "feature_kd_weight": _NUM, "teacher_network": _STR,
     "teacher_checkpoint": _OPT_STR, "teacher_embedding_size": _INT,
     "teacher_classifier": _OPT_STR, "teacher_fp16": _BOOL, "teacher_cache": _OPT_STR,
@@ -85,6 +97,7 @@ KEY_TYPES: Dict[str, tuple] = {
 CHOICES: Dict[str, Tuple[str, ...]] = {
     "distill": METHODS,
     "alpha": ("weighted", "plain"),
+    "margin_grad": ("straight_through", "exact"),
     "gkd_rank_by": ("student", "teacher"),
     "lr_schedule": ("polynomial", "step", "cosine"),
     "grad_reduction": ("exact", "arcface_torch"),
@@ -129,3 +142,18 @@ def check_types(cfg: Mapping[str, Any], source: str) -> None:
         if key in cfg and cfg[key] not in choices:
             raise ValueError(f"{source}: config key '{key}' must be one of {list(choices)}, "
                              f"got {cfg[key]!r}")
+    check_onnx_teacher_keys(cfg, source)
+
+
+def check_onnx_teacher_keys(cfg: Mapping[str, Any], source: str) -> None:
+    """``teacher_network = "onnx"`` and a ``.onnx`` ``teacher_checkpoint`` go together: refuse
+    one without the other (an .onnx file cannot load into a torch backbone, and an ONNX teacher
+    cannot read a state_dict)."""
+    network, checkpoint = cfg.get("teacher_network"), cfg.get("teacher_checkpoint")
+    is_onnx_file = isinstance(checkpoint, str) and checkpoint.lower().endswith(".onnx")
+    if network == "onnx" and checkpoint is not None and not is_onnx_file:
+        raise ValueError(f"{source}: config key 'teacher_checkpoint' = {checkpoint!r}: "
+                         f"teacher_network = 'onnx' needs the teacher's .onnx recognition model")
+    if is_onnx_file and network != "onnx":
+        raise ValueError(f"{source}: config key 'teacher_checkpoint' = {checkpoint!r} is an ONNX "
+                         f"model: set teacher_network = 'onnx' (got {network!r})")

@@ -34,7 +34,13 @@ of the ranking logits over the batch, sort the classes by that mass, and take th
 ``k`` in ``1, 1 + k_step, 1 + 2 k_step, ...`` (``k_step = 100`` officially) whose top-``k`` mass
 reaches ``tau * batch_size``, or ``k = C`` (all classes) when no candidate below ``C`` does
 (the official loop has no such fallback).  That one ``k`` then
-defines every sample's own top-``k`` group as above.
+defines every sample's own top-``k`` group as above.  The official script (gkd_adaptive.py) sums
+over each GPU's OWN batch of 128, so ``k`` is chosen per block of ``k_group`` consecutive samples
+(``grouped_kd_loss``: the whole batch by default; ``GKDHead``: each rank's own batch by default,
+or ``tau_batch`` samples of the global batch, which keeps the run identical on any GPU count).
+
+Margin: CosFace only, for both classifiers, as in the official code; ``GKDHead`` refuses an
+ArcFace margin by name rather than silently training CosFace.
 
 Numerics: every log-sum-exp is taken over its own group with its own maximum, masked entries are
 ``-inf`` through ``torch.where`` (no ``-1000`` offsets), and an empty group contributes exactly
@@ -51,7 +57,7 @@ float64, each moving ``[N]`` integers).  No rank ever holds a full logit row.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -68,13 +74,14 @@ class GKDParts(NamedTuple):
 
     ``total = alpha * binary + beta * primary + lamda * secondary``; every part already carries
     the ``T^2`` factor.  ``k_used`` is the primary-group size before ties (after the class-count
-    cap, or as chosen by the adaptive rule).
+    cap, or as chosen by the adaptive rule; with several adaptive blocks, their mean -- an int
+    when they agree).
     """
     total: torch.Tensor
     binary: torch.Tensor
     primary: torch.Tensor
     secondary: torch.Tensor
-    k_used: int
+    k_used: Union[int, float]
 
 
 class _Local:
@@ -159,40 +166,61 @@ def _kth_largest_key(keys: torch.Tensor, m: int, reduce: _Local) -> torch.Tensor
     return lo
 
 
-def _primary_mask(rank_logits: torch.Tensor, target: torch.Tensor, k: int, num_classes: int,
-                  reduce: _Local) -> torch.Tensor:
-    """Bool ``[N, L]``: target class, plus non-target classes ranked within the top ``k - 1``."""
-    m = k - 1
-    if m <= 0:
-        return target
-    if m >= num_classes - 1:
-        return torch.ones_like(target)
+def _primary_mask(rank_logits: torch.Tensor, target: torch.Tensor, k: Union[int, torch.Tensor],
+                  num_classes: int, reduce: _Local) -> torch.Tensor:
+    """Bool ``[N, L]``: target class, plus non-target classes ranked within the top ``k - 1``.
+
+    ``k`` is one int for every sample or a ``[N]`` int64 tensor (one per sample)."""
+    if not isinstance(k, torch.Tensor):
+        m = k - 1
+        if m <= 0:
+            return target
+        if m >= num_classes - 1:
+            return torch.ones_like(target)
+    else:
+        m = (k - 1).clamp(min=1, max=max(num_classes - 2, 1))
     non_target = torch.where(target, -math.inf, rank_logits.detach())
     if reduce.distributed:
         keys = _order_keys(non_target)
         threshold = _kth_largest_key(keys, m, reduce)
-        return target | (keys >= threshold.to(keys.dtype)[:, None])
-    threshold = non_target.topk(m, dim=1).values[:, -1:]
-    return target | (non_target >= threshold)
+        mask = target | (keys >= threshold.to(keys.dtype)[:, None])
+    elif isinstance(k, torch.Tensor):
+        top = non_target.topk(int(m.max()), dim=1).values if non_target.shape[0] else non_target
+        threshold = top.gather(1, (m - 1)[:, None]) if non_target.shape[0] else top[:, :1]
+        mask = target | (non_target >= threshold)
+    else:
+        threshold = non_target.topk(m, dim=1).values[:, -1:]
+        return target | (non_target >= threshold)
+    if isinstance(k, torch.Tensor):   # the per-sample edge cases the clamp above papered over
+        mask = torch.where((k <= 1)[:, None], target, mask)
+        mask = torch.where((k >= num_classes)[:, None], torch.ones_like(mask), mask)
+    return mask
 
 
 @torch.no_grad()
 def _adaptive_k(rank_logits: torch.Tensor, tau: float, k_step: int, num_classes: int,
-                reduce: _Local) -> int:
-    """Smallest ``k`` in ``1, 1 + k_step, ...`` below ``num_classes`` whose top-``k`` batch-summed
-    softmax mass (temperature 1) reaches ``tau * N``; ``num_classes`` if none does."""
+                reduce: _Local, group: int) -> torch.Tensor:
+    """Per-sample ``k`` ``[N]`` (int64): for each block of ``group`` consecutive rows, the smallest
+    ``k`` in ``1, 1 + k_step, ...`` below ``num_classes`` whose top-``k`` block-summed softmax
+    mass (temperature 1) reaches ``tau * group``; ``num_classes`` if none does."""
     n, width = rank_logits.shape
+    blocks = n // group
     x = rank_logits.double()
     row_max = reduce.max(_masked_max(x, torch.ones_like(x, dtype=torch.bool)))
     row_sum = reduce.sum(torch.exp(x - row_max[:, None]).sum(dim=1))
-    mass = torch.exp(x - row_max[:, None] - row_sum.log()[:, None]).sum(dim=0)   # [L]
-    if reduce.distributed:  # pad to a common width with zero mass, gather [W * max L]
+    prob = torch.exp(x - row_max[:, None] - row_sum.log()[:, None])              # [N, L]
+    mass = prob.reshape(blocks, group, width).sum(dim=1)                          # [G, L]
+    if reduce.distributed:  # pad to a common width with zero mass, gather -> [G, W * max L]
         max_width = int(reduce.max(torch.tensor([width], device=x.device)).item())
-        mass = reduce.gather(F.pad(mass, (0, max_width - width)))
-    cumulative = mass.sort(descending=True).values.cumsum(dim=0)
+        gathered = reduce.gather(F.pad(mass, (0, max_width - width)))             # [W * G, Lm]
+        mass = gathered.reshape(-1, blocks, max_width).transpose(0, 1).reshape(blocks, -1)
+    cumulative = mass.sort(dim=1, descending=True).values.cumsum(dim=1)
     candidates = torch.arange(1, num_classes, k_step, device=x.device)
-    reached = torch.nonzero(cumulative[candidates - 1] >= tau * n).flatten()
-    return int(candidates[reached[0]]) if reached.numel() else num_classes
+    reached = cumulative[:, candidates - 1] >= tau * group                        # [G, K]
+    first = candidates[reached.int().argmax(dim=1)] if candidates.numel() else \
+        torch.full((blocks,), num_classes, dtype=torch.long, device=x.device)
+    k = torch.where(reached.any(dim=1), first, torch.full_like(first, num_classes))
+    return k.repeat_interleave(group)
 
 
 def _group_kd(student: torch.Tensor, teacher: torch.Tensor, primary: torch.Tensor,
@@ -245,27 +273,46 @@ def _check_options(temperature: float, k: int, tau: Optional[float], rank_by: st
         raise ValueError(f"GKD k_step must be >= 1, got {k_step}")
 
 
+def _check_group(n: int, group: Optional[int], where: str) -> int:
+    """The adaptive block size for ``n`` rows (``None``: all of them); must divide ``n``."""
+    group = n if group is None else int(group)
+    if group < 1 or (n > 0 and n % group):
+        raise ValueError(f"{where}: the adaptive-k block of {group} samples must be >= 1 and "
+                         f"divide the (global) batch of {n} samples")
+    return group
+
+
 def _gkd_parts(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
                num_classes: int, temperature: float, alpha: float, beta: float, lamda: float,
                k: int, tau: Optional[float], rank_by: str, k_step: int,
-               reduce: _Local) -> GKDParts:
-    """Shared core: logits ``[N, L]`` of this process's classes, ``target`` bool ``[N, L]``."""
+               reduce: _Local, k_group: Optional[int] = None) -> GKDParts:
+    """Shared core: logits ``[N, L]`` of this process's classes, ``target`` bool ``[N, L]``;
+    ``k_group`` rows per adaptive block (None: all ``N``)."""
     rank_logits = (student if rank_by == "student" else teacher).detach()
-    if tau is not None:
-        k = _adaptive_k(rank_logits, tau, k_step, num_classes, reduce)
-    k = min(k, num_classes)
+    n = rank_logits.shape[0]
+    if tau is not None and n > 0:
+        per_sample = _adaptive_k(rank_logits, tau, k_step, num_classes, reduce,
+                                 _check_group(n, k_group, "GKD"))
+        if bool((per_sample == per_sample[0]).all()):
+            k = int(per_sample[0])
+            k_used: Union[int, float] = k
+        else:
+            k, k_used = per_sample, float(per_sample.double().mean())
+    else:
+        k = min(k, num_classes)
+        k_used = k
     primary = _primary_mask(rank_logits, target, k, num_classes, reduce)
     binary, kl_p, kl_s = _group_kd(student, teacher, primary, temperature, reduce)
     scale = temperature ** 2
     binary, kl_p, kl_s = (scale * v.mean() for v in (binary, kl_p, kl_s))
-    return GKDParts(alpha * binary + beta * kl_p + lamda * kl_s, binary, kl_p, kl_s, k)
+    return GKDParts(alpha * binary + beta * kl_p + lamda * kl_s, binary, kl_p, kl_s, k_used)
 
 
 def grouped_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     labels: torch.Tensor, temperature: float = 4.0, alpha: float = 1.0,
                     beta: float = 8.0, lamda: float = 0.0, k: int = 10000,
                     tau: Optional[float] = None, rank_by: str = "student",
-                    k_step: int = 100) -> GKDParts:
+                    k_step: int = 100, k_group: Optional[int] = None) -> GKDParts:
     r"""GKD loss of full logit rows on one process (see the module docstring for the equations).
 
     Args:
@@ -278,6 +325,8 @@ def grouped_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         tau: adaptive mass fraction (0.93 in the paper), or None for the fixed ``k``.
         rank_by: ``"student"`` (official script) or ``"teacher"``: whose logits rank the classes.
         k_step: step of the adaptive search over ``k`` (100 officially).
+        k_group: adaptive ``k`` only: rows per block that choose their own ``k`` (each block of
+            ``k_group`` consecutive rows sums its own softmax mass); None: the whole batch.
 
     Returns:
         ``GKDParts(total, binary, primary, secondary, k_used)``; ``total`` is the scalar
@@ -296,7 +345,8 @@ def grouped_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     target = F.one_hot(labels.long(), num_classes).bool()
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     return _gkd_parts(student_logits.to(dtype), teacher_logits.to(dtype), target, num_classes,
-                      temperature, alpha, beta, lamda, k, tau, rank_by, k_step, _Local())
+                      temperature, alpha, beta, lamda, k, tau, rank_by, k_step, _Local(),
+                      k_group)
 
 
 def kd_warmup_weight(epoch: float, warmup_epochs: int) -> float:
@@ -337,6 +387,12 @@ class GKDHead(nn.Module):
         warmup_epochs: epochs of the linear KD warm-up (10 officially).
         sample_rate: fraction of each rank's classes kept per step (Partial FC), in (0, 1].
         teacher_embedding_size: ``D_t``; checked against ``teacher_weight`` when given.
+        k_step: step of the adaptive search over ``k``.
+        tau_batch: adaptive ``k`` only: samples of the global batch (consecutive, in rank order)
+            that choose one ``k`` together; None: each rank's own batch, as the official
+            gkd_adaptive.py (one ``k`` per GPU from its 128 samples).  Set it to the official
+            per-GPU batch (128) to keep the run identical on any GPU count.
+        margin: ``"cosface"`` (the only margin GKD's logits use); ``"arcface"`` is refused.
 
     Attributes:
         num_classes, class_start, num_local; ``sharded_keys = ("weight", "teacher_weight")``;
@@ -362,9 +418,18 @@ class GKDHead(nn.Module):
                  warmup_epochs: int = 10,
                  sample_rate: float = 1.0,
                  teacher_embedding_size: Optional[int] = None,
-                 k_step: int = 100) -> None:
+                 k_step: int = 100,
+                 tau_batch: Optional[int] = None,
+                 margin: str = "cosface") -> None:
         super().__init__()
         _check_options(temperature, k, tau, rank_by, k_step)
+        if margin != "cosface":
+            raise ValueError(f"GKDHead: margin {margin!r} is not supported: GKD's student and "
+                             f"teacher logits are CosFace s * (cos - m * onehot) as in the "
+                             f"official code; use a CosFace margin_list (1.0, 0.0, m), e.g. "
+                             f"(1.0, 0.0, 0.4)")
+        if tau_batch is not None and tau_batch < 1:
+            raise ValueError(f"GKDHead tau_batch must be >= 1 or None, got {tau_batch}")
         if embedding_size < 1 or num_classes < 1:
             raise ValueError(f"GKDHead needs embedding_size >= 1 and num_classes >= 1, got "
                              f"{embedding_size} and {num_classes}")
@@ -390,6 +455,7 @@ class GKDHead(nn.Module):
         self.alpha, self.beta, self.lamda = alpha, beta, lamda
         self.k, self.tau, self.rank_by, self.k_step = k, tau, rank_by, k_step
         self.warmup_epochs, self.sample_rate = warmup_epochs, sample_rate
+        self.tau_batch = tau_batch
         rank, world = rank_and_world()
         self.class_start, self.num_local = shard_range(num_classes, rank, world)
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
@@ -404,7 +470,8 @@ class GKDHead(nn.Module):
                 f"{self.num_classes}, D_s={self.embedding_size}, D_t={self.teacher_embedding_size},"
                 f" s={self.s}, m={self.m}, T={self.temperature}, alpha={self.alpha}, "
                 f"beta={self.beta}, lamda={self.lamda}, k={self.k}, tau={self.tau}, "
-                f"rank_by={self.rank_by}, warmup_epochs={self.warmup_epochs}, "
+                f"rank_by={self.rank_by}, tau_batch={self.tau_batch}, "
+                f"warmup_epochs={self.warmup_epochs}, "
                 f"sample_rate={self.sample_rate}")
 
     def _kept_classes(self, labels: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
@@ -458,6 +525,9 @@ class GKDHead(nn.Module):
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(f"GKDHead.forward: labels must lie in [0, {self.num_classes}), found "
                              f"[{int(y.min())}, {int(y.max())}]")
+        group = self.tau_batch if self.tau_batch is not None else student_embeddings.shape[0]
+        if self.tau is not None:
+            _check_group(y.numel(), group, "GKDHead (tau_batch)")
         index, column = self._kept_classes(y)
         weight, teacher_weight = self.weight, self.teacher_weight
         num_kept = self.num_classes
@@ -480,7 +550,7 @@ class GKDHead(nn.Module):
             ce = _sharded_cross_entropy(z_s, target, reduce)
             parts = _gkd_parts(z_s, z_t, target, num_kept, self.temperature, self.alpha,
                                self.beta, self.lamda, self.k, self.tau, self.rank_by, self.k_step,
-                               reduce)
+                               reduce, group)
         kd_weight = kd_warmup_weight(epoch, self.warmup_epochs)
         loss = ce + kd_weight * parts.total
         self.stats = {name: value.detach() for name, value in (

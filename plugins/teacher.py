@@ -202,7 +202,8 @@ def build_teacher(network: str,
     """Build the teacher backbone by name, load its weights and wrap it in a ``TeacherHook``.
 
     Args:
-        network: backbone name (config key ``teacher_network``), e.g. ``"r50"``.
+        network: backbone name (config key ``teacher_network``), e.g. ``"r50"``; ``"onnx"``
+            returns a ``plugins.onnx_teacher.OnnxTeacher`` of the ``.onnx`` ``checkpoint``.
         checkpoint: backbone weights (config key ``teacher_checkpoint``).
         embedding_size: the teacher's embedding size (``teacher_embedding_size``).
         device: where the teacher runs (default CPU).
@@ -215,6 +216,9 @@ def build_teacher(network: str,
         FileNotFoundError: ``checkpoint`` is None or does not exist.
         ValueError: the checkpoint does not fit the network (from ``load_backbone_weights``).
     """
+    if network == "onnx":  # an insightface .onnx recognition model, run by onnxruntime
+        from plugins.onnx_teacher import build_onnx_teacher
+        return build_onnx_teacher(checkpoint, embedding_size=embedding_size, device=device)
     if checkpoint is None or not os.path.isfile(checkpoint):
         raise FileNotFoundError(
             f"config key 'teacher_checkpoint': teacher weights not found at {checkpoint!r}; set it "

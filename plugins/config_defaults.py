@@ -24,7 +24,11 @@ DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
     "teacher_classifier": (None, "teacher classifier: checkpoint_gpu_*.pt folder or [C, D] file "
                                  "(fixed centers of arcdistill/cosdistill, optional initial "
                                  "AdaDistill centers, GKD teacher logits)"),
-    "teacher_fp16": (True, "teacher forward under autocast (CUDA only)"),
+    "teacher_fp16": (True, "teacher forward under autocast (float16 on GPUs; a CPU teacher "
+                           "stays fp32 unless amp_dtype names a dtype)"),
+    "amp_dtype": ("auto", "autocast dtype of fp16 / teacher_fp16: auto (float16 + GradScaler on "
+                          "GPUs, bfloat16 on CPU) | float16 (+ GradScaler, CPU too) | bfloat16"),
+    "channels_last": (None, "channels_last student and batches: None = on GPUs only, True, False"),
     "teacher_cache": (None, "folder of a teacher-embedding cache; None runs the teacher online"),
     "teacher_cache_force": (False, "serve a cache whose metadata (teacher, dataset, size) does "
                                    "not match the run, with a warning -- only if you know why"),
@@ -93,6 +97,7 @@ KEY_TYPES: Dict[str, tuple] = {
     "distill": _STR, "alpha": _STR, "margin_scale": _NUM, "feature_kd_weight": _NUM, "teacher_network": _STR,
     "teacher_checkpoint": _OPT_STR, "teacher_embedding_size": _INT,
     "teacher_classifier": _OPT_STR, "teacher_fp16": _BOOL, "teacher_cache": _OPT_STR,
+    "amp_dtype": _STR, "channels_last": (bool, type(None)),
     "teacher_cache_force": _BOOL, "flip": _BOOL, "gkd_temperature": _NUM, "gkd_alpha": _NUM,
     "gkd_beta": _NUM, "gkd_lamda": _NUM, "gkd_k": _INT, "gkd_tau": (int, float, type(None)),
     "gkd_rank_by": _STR, "gkd_warmup_epochs": _NUM, "lr_schedule": _STR, "lr_steps": _SEQ,
@@ -116,6 +121,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "gkd_rank_by": ("student", "teacher"),
     "lr_schedule": ("polynomial", "step", "cosine"),
     "optimizer": ("sgd", "adamw"),
+    "amp_dtype": ("auto", "float16", "bfloat16"),
 }
 
 

@@ -11,6 +11,9 @@ Variants, (a)-(c) each a full optimizer step on the same batch:
   (d) build:   ``build_teacher_cache`` of the batch's images into a fresh folder (decode, both
                views, casts, memmap write, chunk marker, meta)
   (e) forward: the teacher forward of the batch and its mirror, nothing else (the build's floor)
+  (f) hook:    the online teacher step, ``TeacherHook.teacher_embeddings`` (inference_mode,
+               shape check, copy out of inference mode)
+  (g) official: the official loop's teacher step, ``torch.no_grad()`` + the eval-mode backbone
 The variants are interleaved round by round (a, b, c, then c, b, a, ...) so that machine load
 affects them alike; the median per variant is reported, and every round's times.  The projection for ``--epochs`` epochs counts the
 cache build (two teacher forwards per image, once) at its measured cost per image.
@@ -88,6 +91,11 @@ def main() -> None:
         """The pure teacher forward the build cannot avoid: the images and their mirrors."""
         teacher(torch.cat([images, torch.flip(images, dims=[3])]))
 
+    def official_teacher_step() -> None:
+        """The official AdaDistill loop's teacher step: the eval-mode backbone under no_grad."""
+        with torch.no_grad():
+            teacher.model(images)
+
     build_teacher_cache(teacher, plain, cache_dir, meta, batch_size=batch, num_workers=0,
                         dtype="float32", progress=False)
     cache = TeacherEmbeddingCache(cache_dir, expect=meta)
@@ -129,6 +137,9 @@ def main() -> None:
         "(c) student alone + margin head": alone_step,
         "(d) cache build of the batch's images": build_once,
         "(e) teacher forward of both views": forward_both_views,
+        "(f) online hook: TeacherHook(images)": lambda: teacher.teacher_embeddings(
+            images, index, flipped),
+        "(g) official loop: no_grad model(images)": official_teacher_step,
     }
     times: Dict[str, List[float]] = {name: [] for name in variants}
     for name, step in variants.items():  # warm-up
@@ -155,6 +166,11 @@ def main() -> None:
     print(f"  cache build throughput / pure teacher forward of both views: "
           f"x{forward_per_image / build_per_image:.2f} (median), x{best_forward / best_build:.2f} "
           f"(min)   ({len(plain)} images built per round, {batch} images forwarded)")
+    hook, official = (times["(f) online hook: TeacherHook(images)"],
+                      times["(g) official loop: no_grad model(images)"])
+    print(f"  online teacher hook / official loop's teacher step: "
+          f"x{statistics.median(hook) / statistics.median(official):.3f} (median), "
+          f"x{min(hook) / min(official):.3f} (min)")
     per_image = {name: seconds / batch for name, seconds in median.items()}
     run_alone = args.epochs * per_image["(c) student alone + margin head"]
     run_online = args.epochs * per_image["(a) online teacher + student + AdaDistill"]

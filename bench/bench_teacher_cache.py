@@ -4,10 +4,16 @@ a whole run including the one-off cache build.
 
     python bench/bench_teacher_cache.py [--batch-size 32] [--rounds 3] [--num-classes 85742]
 
-Variants, each a full optimizer step on the same batch:
+Variants, (a)-(c) each a full optimizer step on the same batch:
   (a) online:  r50 teacher forward (frozen) + MobileFaceNet forward/backward + AdaDistill head
   (b) cached:  teacher-embedding cache lookup + the same student step and AdaDistill head
   (c) alone:   the student with the standalone margin head (ArcFace, learned weights)
+  (d) build:   ``build_teacher_cache`` of the batch's images into a fresh folder (decode, both
+               views, casts, memmap write, chunk marker, meta)
+  (e) forward: the teacher forward of the batch and its mirror, nothing else (the build's floor)
+  (f) hook:    the online teacher step, ``TeacherHook.teacher_embeddings`` (inference_mode,
+               shape check, copy out of inference mode)
+  (g) official: the official loop's teacher step, ``torch.no_grad()`` + the eval-mode backbone
 The variants are interleaved round by round (a, b, c, then c, b, a, ...) so that machine load
 affects them alike; the median per variant is reported, and every round's times.  The projection for ``--epochs`` epochs counts the
 cache build (two teacher forwards per image, once) at its measured cost per image.  Last, the
@@ -77,10 +83,25 @@ def main() -> None:
     cache_dir = os.path.join(work, "cache")
     meta = cache_identity(teacher.digest, args.teacher, data, len(plain), 512)
     # float32: an untrained r50's embeddings overflow float16 (the lookup cost barely differs)
-    build_seconds = timed(lambda: build_teacher_cache(
-        teacher, plain, cache_dir, meta, batch_size=batch, num_workers=0, dtype="float32",
-        progress=False))
-    build_per_image = build_seconds / len(plain)
+    builds = [0]
+
+    def build_once() -> None:
+        """The whole cache build of the batch's images (fresh folder each time)."""
+        builds[0] += 1
+        build_teacher_cache(teacher, plain, os.path.join(work, f"cache{builds[0]}"), meta,
+                            batch_size=batch, num_workers=0, dtype="float32", progress=False)
+
+    def forward_both_views() -> None:
+        """The pure teacher forward the build cannot avoid: the images and their mirrors."""
+        teacher(torch.cat([images, torch.flip(images, dims=[3])]))
+
+    def official_teacher_step() -> None:
+        """The official AdaDistill loop's teacher step: the eval-mode backbone under no_grad."""
+        with torch.no_grad():
+            teacher.model(images)
+
+    build_teacher_cache(teacher, plain, cache_dir, meta, batch_size=batch, num_workers=0,
+                        dtype="float32", progress=False)
     cache = TeacherEmbeddingCache(cache_dir, expect=meta)
 
     def distill_model():
@@ -118,6 +139,11 @@ def main() -> None:
         "(b) cached teacher + student + AdaDistill": lambda: distill_step(
             cached_student, cached_head, cached_opt, cache),
         "(c) student alone + margin head": alone_step,
+        "(d) cache build of the batch's images": build_once,
+        "(e) teacher forward of both views": forward_both_views,
+        "(f) online hook: TeacherHook(images)": lambda: teacher.teacher_embeddings(
+            images, index, flipped),
+        "(g) official loop: no_grad model(images)": official_teacher_step,
     }
     times: Dict[str, List[float]] = {name: [] for name in variants}
     for name, step in variants.items():  # warm-up
@@ -137,14 +163,25 @@ def main() -> None:
         rounds = " ".join(f"{t:.2f}" for t in times[name])
         print(f"  {name:44s} {seconds * 1000:9.1f} ms/step   x{seconds / alone:5.2f} of (c)"
               f"   (best-of ratio x{best:.2f}; rounds, s: {rounds})")
-    print(f"  cache build: {build_per_image * 1000:.1f} ms/image (image + mirror), "
-          f"x{build_per_image / (alone / batch):.2f} of a student-alone image-step")
+    build_per_image = median["(d) cache build of the batch's images"] / len(plain)
+    forward_per_image = median["(e) teacher forward of both views"] / batch
+    best_build = min(times["(d) cache build of the batch's images"]) / len(plain)
+    best_forward = min(times["(e) teacher forward of both views"]) / batch
+    print(f"  cache build throughput / pure teacher forward of both views: "
+          f"x{forward_per_image / build_per_image:.2f} (median), x{best_forward / best_build:.2f} "
+          f"(min)   ({len(plain)} images built per round, {batch} images forwarded)")
+    hook, official = (times["(f) online hook: TeacherHook(images)"],
+                      times["(g) official loop: no_grad model(images)"])
+    print(f"  online teacher hook / official loop's teacher step: "
+          f"x{statistics.median(hook) / statistics.median(official):.3f} (median), "
+          f"x{min(hook) / min(official):.3f} (min)")
     per_image = {name: seconds / batch for name, seconds in median.items()}
     run_alone = args.epochs * per_image["(c) student alone + margin head"]
     run_online = args.epochs * per_image["(a) online teacher + student + AdaDistill"]
     run_cached = (args.epochs * per_image["(b) cached teacher + student + AdaDistill"]
                   + build_per_image)
-    print(f"projected {args.epochs}-epoch run, as a multiple of training the student alone:")
+    print(f"projected {args.epochs}-epoch run, as a multiple of training the student alone "
+          f"(medians of this run):")
     print(f"  online teacher            x{run_online / run_alone:5.2f}")
     print(f"  cache build + cached run  x{run_cached / run_alone:5.2f}"
           f"   (build alone: x{build_per_image / run_alone:.2f})")

@@ -308,6 +308,14 @@ def _seed_worker(seed: int, worker_id: int) -> None:
     random.seed(worker_seed)
 
 
+def can_pin_memory() -> bool:
+    """Whether pinned host memory means anything here: an accelerator torch can copy to."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
 def make_loader(dataset: Dataset,
                 sampler: Sampler,
                 batch_size: int,
@@ -315,7 +323,7 @@ def make_loader(dataset: Dataset,
                 pin_memory: bool = True,
                 seed: int = 0) -> DataLoader:
     """DataLoader over ``sampler`` with ``drop_last``, seeded workers, persistent workers when
-    ``num_workers > 0`` and pinned memory only when CUDA is available.
+    ``num_workers > 0`` and pinned memory only where an accelerator (CUDA, ...) is available.
 
     Args:
         dataset: map-style dataset (e.g. ``FaceRecordDataset``).
@@ -323,14 +331,15 @@ def make_loader(dataset: Dataset,
             ``set_epoch`` before each ``iter(loader)``.
         batch_size: per-rank batch ``B``.
         num_workers: worker processes (0 = load in the main process).
-        pin_memory: pin batches for asynchronous host-to-GPU copies (ignored without CUDA).
+        pin_memory: pin batches for asynchronous host-to-GPU copies; a request that is a no-op
+            (and passed to the DataLoader as False, without its warning) with no accelerator.
         seed: seed of the workers' torch/numpy/random states.
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
     extra = {"persistent_workers": True, "prefetch_factor": 2} if num_workers > 0 else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory and torch.cuda.is_available(), drop_last=True,
+                      pin_memory=pin_memory and can_pin_memory(), drop_last=True,
                       worker_init_fn=partial(_seed_worker, seed), generator=generator, **extra)
 
 

@@ -65,10 +65,12 @@ def build_teacher_source(cfg, device=None, num_images: Optional[int] = None):
     if cfg.teacher_cache:
         from host.teacher_cache_build import open_teacher_cache
         return open_teacher_cache(cfg, num_images=num_images, force=cfg.teacher_cache_force)
+    from host.precision import AMP_DTYPES
     from plugins.teacher import build_teacher
     return build_teacher(cfg.teacher_network, cfg.teacher_checkpoint,
                          embedding_size=cfg.teacher_embedding_size, device=device,
-                         fp16=cfg.teacher_fp16)
+                         fp16=cfg.teacher_fp16,
+                         autocast_dtype=AMP_DTYPES[cfg.get("amp_dtype", "auto")])
 
 
 def teacher_class_means(cfg, teacher) -> Optional[torch.Tensor]:

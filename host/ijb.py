@@ -17,7 +17,8 @@ Pipeline (each step as published; ``N`` images, ``T`` templates, ``P`` pairs, ``
    ``v_t / ||v_t||``, computed as ONE weighted segment sum ``v_t = sum_i f_i / n_(t, m_i)``
    (a sparse matrix product; no loop over templates);
 5. pair score ``s = <v_t1, v_t2>``, by blocked float32 matrix products (no per-pair loop);
-6. TAR@FAR from ``sklearn.metrics.roc_curve`` (its defaults, ``drop_intermediate=True``), at the
+6. TAR@FAR from the ROC of ``sklearn.metrics.roc_curve`` (its defaults, ``drop_intermediate=True``;
+   reproduced exactly by :func:`roc` from two value sorts and cumulative counts), at the
    point whose FPR is closest to the target (``rule="closest"``, the published reading: either
    side, a tie goes to the higher TPR) or the best TPR with FPR <= target (``rule="strict"``).
 """
@@ -313,19 +314,21 @@ def extract_features(embedder: Embedder,
 def template_features(img_feats: np.ndarray,
                       det_scores: np.ndarray,
                       templates: np.ndarray,
-                      medias: np.ndarray,
-                      chunk: int = 65536) -> Tuple[np.ndarray, np.ndarray]:
+                      medias: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """L2-normalised template features ``[T, D]`` float32 and the sorted template ids ``[T]``.
 
-    ``v_t = sum_m mean_{i in (t, m)} f_i = sum_{i in t} f_i / n_(t, m_i)`` with
-    ``f_i = (plain_i + mirror_i) * score_i`` (float32, as published): a sparse ``[T, N]`` weight
-    matrix (one entry ``1 / n_(t, m_i)`` per image) times the features, accumulated in float64
-    over image chunks (no loop over templates), then ``v_t / ||v_t||`` (a zero vector stays 0).
+    ``v_t = sum_m mean_{i in (t, m)} f_i = sum_{i in t} w_i [plain_i | mirror_i]`` folded over the
+    two halves, with ``f_i = (plain_i + mirror_i) * score_i`` and ``w_i = score_i / n_(t, m_i)``:
+    ONE sparse ``[T, N]`` CSR matrix (rows = templates, built from a stable argsort of the
+    template index, no loop over templates) times the ``[N, 2D]`` features as given (no copy of
+    them), then ``v_t = sum[:, :D] + sum[:, D:]`` and ``v_t / ||v_t||`` in float64 (a zero vector
+    stays 0).  The sums accumulate in float32, like the published script (its per-media
+    ``np.mean`` and ``np.sum`` run on float32 arrays); they agree with a float64 evaluation to
+    about 1e-7.
 
     Args:
-        img_feats: ``[N, 2D]`` image features ``[plain | mirror]``.
+        img_feats: ``[N, 2D]`` image features ``[plain | mirror]`` (float32; may be a memmap).
         det_scores: ``[N]`` detector scores; templates, medias: ``[N]`` ids.
-        chunk: images per sparse product (bounds the float64 temporaries).
     """
     import scipy.sparse
 
@@ -340,16 +343,17 @@ def template_features(img_feats: np.ndarray,
     unique_medias, m_index = np.unique(medias, return_inverse=True)
     pair_key = t_index.astype(np.int64) * len(unique_medias) + m_index.reshape(-1)
     _, tm_index, tm_count = np.unique(pair_key, return_inverse=True, return_counts=True)
-    weight = 1.0 / tm_count[tm_index.reshape(-1)]
-    acc = np.zeros((len(unique_templates), dim), dtype=np.float64)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        block = img_feats[start:stop]
-        f = (block[:, :dim] + block[:, dim:]) * det_scores[start:stop, None].astype(np.float32)
-        w = scipy.sparse.csr_matrix((weight[start:stop], (t_index[start:stop],
-                                                          np.arange(stop - start))),
-                                    shape=(len(unique_templates), stop - start))
-        acc += w @ f
+    weight = (det_scores.astype(np.float64) / tm_count[tm_index.reshape(-1)]).astype(np.float32)
+    num_templates = len(unique_templates)
+    order = np.argsort(t_index, kind="stable")
+    indptr = np.zeros(num_templates + 1, dtype=np.int64)
+    np.cumsum(np.bincount(t_index, minlength=num_templates), out=indptr[1:])
+    weights = scipy.sparse.csr_matrix((weight[order], order, indptr), shape=(num_templates, n))
+    feats = np.asarray(img_feats)
+    if feats.dtype != np.float32:
+        feats = feats.astype(np.float32)
+    summed = weights @ feats                                                  # [T, 2D] float32
+    acc = summed[:, :dim].astype(np.float64) + summed[:, dim:]
     norm = np.linalg.norm(acc, axis=1, keepdims=True)
     acc /= np.where(norm > 0, norm, 1.0)
     return acc.astype(np.float32), unique_templates
@@ -408,6 +412,8 @@ def score_pairs(template_feats: np.ndarray,
     feats = feats.to(device) if device else feats
     scores = np.empty(len(pairs), dtype=np.float32)
     col_pos = np.empty(num_templates, dtype=np.int64)
+    # one product buffer for every block (no fresh block_rows x T allocation per block)
+    buffer = torch.empty(min(block_rows, num_templates) * num_templates, device=feats.device)
     for k in range(num_blocks):
         sel = order[bounds[k]:bounds[k + 1]]
         if sel.size == 0:
@@ -422,8 +428,11 @@ def score_pairs(template_feats: np.ndarray,
         else:
             col_pos[cols] = np.arange(cols.size)
             other, col = feats[torch.from_numpy(cols).to(feats.device)], col_pos[b]
-        product = (feats[row0:row0 + block_rows] @ other.T).cpu().numpy()
-        scores[sel] = product[a, col]
+        lhs = feats[row0:row0 + block_rows]
+        product = buffer[:lhs.shape[0] * other.shape[0]].view(lhs.shape[0], other.shape[0])
+        torch.mm(lhs, other.T, out=product)
+        flat = product.view(-1) if product.device.type == "cpu" else product.cpu().view(-1)
+        scores[sel] = flat.numpy()[a * other.shape[0] + col]
     return scores
 
 
@@ -439,17 +448,65 @@ class OperatingPoint:
     threshold: float
 
 
-def roc(labels: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``sklearn.metrics.roc_curve`` with its defaults (``drop_intermediate=True``)."""
-    from sklearn.metrics import roc_curve
+def _distinct_sorted(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Distinct values of an ascending array and how often each occurs."""
+    starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
+    return values[starts], np.diff(np.append(starts, values.size))
 
+
+def roc(labels: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``sklearn.metrics.roc_curve(labels, scores)`` (defaults, ``drop_intermediate=True``),
+    bit for bit, from one value sort per class instead of an argsort of all ``P`` scores.
+
+    Genuine and impostor scores are sorted separately (no index array); ties are grouped into
+    distinct values with their counts; the genuine values are merged into the impostor ones
+    (insertion at binary-search positions); descending cumulative counts give ``tps``/``fps``
+    at every distinct threshold; the points where the second difference of both is zero are
+    dropped (sklearn's rule), ``(0, 0, inf)`` is prepended, ``fpr = fps / fps[-1]``,
+    ``tpr = tps / tps[-1]`` in float64 from integer counts -- the same numbers sklearn gets.
+
+    Returns ``fpr``, ``tpr``, ``thresholds`` (float64, thresholds descending from ``inf``).
+    """
     labels = np.asarray(labels)
-    if labels.shape != np.shape(scores) or labels.ndim != 1:
-        raise ValueError(f"labels {labels.shape} and scores {np.shape(scores)} must be [P]")
-    if not ((labels == 1).any() and (labels == 0).any()):
+    scores = np.asarray(scores)
+    if labels.shape != scores.shape or labels.ndim != 1:
+        raise ValueError(f"labels {labels.shape} and scores {scores.shape} must be [P]")
+    genuine = labels == 1
+    if not ((labels == 0) | genuine).all():
+        raise ValueError("labels must be 0 (impostor) or 1 (genuine)")
+    if not (genuine.any() and not genuine.all()):
         raise ValueError("TAR@FAR needs both genuine (1) and impostor (0) pairs")
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN or inf")
+    imp_values, imp_counts = _distinct_sorted(np.sort(scores[~genuine]))
+    gen_values, gen_counts = _distinct_sorted(np.sort(scores[genuine]))
+    pos = np.searchsorted(imp_values, gen_values)
+    fresh = (pos == imp_values.size) | (imp_values[np.minimum(pos, imp_values.size - 1)]
+                                         != gen_values)
+    values = np.insert(imp_values, pos[fresh], gen_values[fresh])           # ascending, distinct
+    fp_counts = np.insert(imp_counts, pos[fresh], 0)
+    tp_counts = np.zeros(values.size, dtype=np.int64)
+    tp_counts[np.searchsorted(values, gen_values)] = gen_counts
+    fps = np.cumsum(fp_counts[::-1])                                         # descending thresholds
+    tps = np.cumsum(tp_counts[::-1])
+    thresholds = values[::-1].astype(np.float64)
+    if fps.size > 2:
+        keep = np.flatnonzero(np.concatenate([[True], (np.diff(fps, 2) != 0)
+                                              | (np.diff(tps, 2) != 0), [True]]))
+        fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
+    fps = np.concatenate([[0], fps]).astype(np.float64)
+    tps = np.concatenate([[0], tps]).astype(np.float64)
+    thresholds = np.concatenate([[np.inf], thresholds])
+    return fps / fps[-1], tps / tps[-1], thresholds
+
+
+def roc_sklearn(labels: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray,
+                                                                   np.ndarray]:
+    """The reference :func:`roc` reproduces: ``sklearn.metrics.roc_curve`` with its defaults."""
+    from sklearn.metrics import roc_curve
+
     return roc_curve(labels, scores)
 
 

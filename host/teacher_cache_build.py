@@ -325,6 +325,12 @@ def open_teacher_cache(cfg: Mapping[str, Any], num_images: Optional[int] = None,
                                  force=force)
 
 
+def _amp_dtype(cfg: Mapping[str, Any]) -> Optional[torch.dtype]:
+    """The teacher's autocast dtype of config key ``amp_dtype`` (None for "auto")."""
+    from host.precision import AMP_DTYPES
+    return AMP_DTYPES[cfg.get("amp_dtype", "auto")]
+
+
 def build_from_config(cfg: Mapping[str, Any], overwrite: bool = False,
                       chunk_size: int = DEFAULT_CHUNK_SIZE, dtype: str = "float16") -> str:
     """Everything ``--build-teacher-cache`` does: (initialise the process group under torchrun,)
@@ -332,7 +338,7 @@ def build_from_config(cfg: Mapping[str, Any], overwrite: bool = False,
 
     Config keys read: rec, num_classes, seed, batch_size, num_workers, teacher_network,
     teacher_checkpoint, teacher_embedding_size, teacher_cache, teacher_fp16 (falling back to
-    fp16 when a config lacks it) and skip_bad_records (default False).
+    fp16 when a config lacks it), amp_dtype (default "auto") and skip_bad_records (default False).
     """
     from host.dataset import FaceRecordDataset
 
@@ -343,7 +349,8 @@ def build_from_config(cfg: Mapping[str, Any], overwrite: bool = False,
     try:
         teacher = build_teacher(cfg["teacher_network"], cfg["teacher_checkpoint"],
                                 embedding_size=cfg["teacher_embedding_size"], device=_device(),
-                                fp16=bool(cfg.get("teacher_fp16", cfg["fp16"])))
+                                fp16=bool(cfg.get("teacher_fp16", cfg["fp16"])),
+                                autocast_dtype=_amp_dtype(cfg))
         dataset = FaceRecordDataset(cfg["rec"], num_classes=cfg["num_classes"], flip=False,
                                     seed=cfg["seed"],
                                     skip_bad=bool(cfg.get("skip_bad_records", False)))

@@ -25,6 +25,7 @@ from host.lr_schedule import run_schedule
 from host.run_guard import run_guard
 from host.run_identity import check_resume, run_identity
 from host.step_guard import BufferSnapshot
+from host.precision import precision_plan, scaler_step
 from host.runtime import (CONFIG_LOGGER, configure_cpu_threads, exact_gradient_hook, init_distributed,
                           seed_everything, setup_logging)
 from plugins.heads import DistillHead
@@ -106,6 +107,8 @@ def _train(cfg, stop) -> dict:
         LOG.info("CPU: %d intra-op threads per process", configure_cpu_threads(cfg.num_workers))
     seed_everything(cfg.seed)
     cuda = device.type == "cuda"
+    precision = precision_plan(device, cfg)        # autocast dtype, GradScaler, channels_last
+    LOG.info(precision.describe())
 
     dataset = FaceRecordDataset(cfg.rec, num_classes=cfg.num_classes, flip=cfg.flip,
                                 seed=cfg.seed, skip_bad=cfg.skip_bad_records)
@@ -124,12 +127,12 @@ def _train(cfg, stop) -> dict:
         total_steps = min(total_steps, int(cfg.max_steps))
     sampler = ResumableDistributedSampler(len(dataset), cfg.batch_size, num_replicas=world,
                                           rank=rank, shuffle=True, seed=cfg.seed)
-    loader = make_loader(dataset, sampler, cfg.batch_size, cfg.num_workers, pin_memory=cuda,
-                         seed=cfg.seed)
+    loader = make_loader(dataset, sampler, cfg.batch_size, cfg.num_workers, pin_memory=True,
+                         seed=cfg.seed)     # pinned where an accelerator exists
 
-    student = resolve_model(cfg.network, num_features=cfg.embedding_size, fp16=cfg.fp16).to(device)
-    if cuda:
-        student = student.to(memory_format=torch.channels_last)
+    student = resolve_model(cfg.network, num_features=cfg.embedding_size,
+                            fp16=precision.backbone_fp16).to(device)
+    student = precision.memory_format(student)
     teacher = build_teacher_source(cfg, device=device, num_images=len(dataset))
     torch.manual_seed(cfg.seed + 1 + rank)   # class shards start from different noise per rank
     head = build_head(cfg, teacher_classifier=teacher_class_means(cfg, teacher)).to(device)
@@ -142,7 +145,7 @@ def _train(cfg, stop) -> dict:
         model.register_comm_hook(None, exact_gradient_hook)
     optimizer = _optimizer(cfg, student, head)
     schedule = run_schedule(cfg, steps_per_epoch, global_batch * acc, log=LOG)
-    scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg.fp16 and cuda))
+    scaler = precision.grad_scaler()
     checkpoints = CheckpointManager(cfg.output, keep=cfg.keep_checkpoints)
 
     epoch, step, consumed = 0, 0, 0
@@ -201,8 +204,7 @@ def _train(cfg, stop) -> dict:
         for _, (images, labels, index, flipped) in zip(range(remaining), loader):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            if cuda:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = precision.memory_format(images)
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr_at(step)
             if micro % acc == 0:
@@ -244,13 +246,8 @@ def _train(cfg, stop) -> dict:
                 continue
             nonfinite_in_row = 0
             head.reduce_replicated_grads()
-            scaler.unscale_(optimizer)
-            if scaler.is_enabled() and world > 1:
-                _share_found_inf(scaler, optimizer)
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            # unscale, found-inf agreed by all ranks, clip, step (or skip everywhere), update
+            scaler_step(scaler, optimizer, student.parameters(), cfg.grad_clip)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(last_loss)
@@ -292,15 +289,6 @@ def _train(cfg, stop) -> dict:
     LOG.info("finished: %d steps, last loss %.4f, %d skipped steps; model at %s", step,
              last_loss, skipped_steps, os.path.join(cfg.output, "model.pt"))
     return summary
-
-
-def _share_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
-    """Make GradScaler's skip decision global: the sharded head weights are outside DDP, so an
-    inf in one rank's shard would make only that rank skip the step and lower its scale."""
-    import torch.distributed as dist
-    state = scaler._per_optimizer_states[id(optimizer)]
-    for found in state["found_inf_per_device"].values():
-        dist.all_reduce(found, op=dist.ReduceOp.MAX)
 
 
 def _learned_classifier(head: DistillHead, num_classes: int) -> Optional[torch.Tensor]:

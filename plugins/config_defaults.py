@@ -27,7 +27,11 @@ DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
     "teacher_classifier": (None, "teacher classifier: checkpoint_gpu_*.pt folder or [C, D] file "
                                  "(fixed centers of arcdistill/cosdistill, optional initial "
                                  "AdaDistill centers, GKD teacher logits)"),
-    "teacher_fp16": (True, "teacher forward under autocast (CUDA only)"),
+    "teacher_fp16": (True, "teacher forward under autocast (float16 on GPUs; a CPU teacher "
+                           "stays fp32 unless amp_dtype names a dtype)"),
+    "amp_dtype": ("auto", "autocast dtype of fp16 / teacher_fp16: auto (float16 + GradScaler on "
+                          "GPUs, bfloat16 on CPU) | float16 (+ GradScaler, CPU too) | bfloat16"),
+    "channels_last": (None, "channels_last student and batches: None = on GPUs only, True, False"),
     "teacher_cache": (None, "folder of a teacher-embedding cache; None runs the teacher online"),
     "teacher_cache_force": (False, "serve a cache whose metadata (teacher, dataset, size) does "
                                    "not match the run, with a warning -- only if you know why"),
@@ -83,6 +87,7 @@ KEY_TYPES: Dict[str, tuple] = {
     "distill": _STR, "margin_scale": _NUM, "teacher_network": _STR,
     "teacher_checkpoint": _OPT_STR, "teacher_embedding_size": _INT,
     "teacher_classifier": _OPT_STR, "teacher_fp16": _BOOL, "teacher_cache": _OPT_STR,
+    "amp_dtype": _STR, "channels_last": (bool, type(None)),
     "teacher_cache_force": _BOOL, "flip": _BOOL,
     "lr_schedule": _STR, "lr_steps": _SEQ,
     "grad_clip": _NUM, "nesterov": _BOOL, "save_every": _INT, "keep_checkpoints": _INT,
@@ -102,6 +107,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "distill": METHODS,
     "lr_schedule": ("polynomial", "step", "cosine"),
     "optimizer": ("sgd", "adamw"),
+    "amp_dtype": ("auto", "float16", "bfloat16"),
 }
 
 

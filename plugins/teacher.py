@@ -2,9 +2,9 @@
 
 ``TeacherHook`` puts the network in eval mode for good (``train()`` on a parent module does not
 reach it), freezes every parameter, and runs the forward pass under ``torch.inference_mode`` --
-with channels_last and float16 autocast when the device is CUDA.  It returns the raw fp32
-embeddings ``f_t [B, D]`` (not L2-normalised: the heads normalise) as an ordinary tensor, so the
-student's loss may use them in its autograd graph.
+with channels_last and float16 autocast on GPUs (any autocast dtype, CPU included, on request).
+It returns the raw fp32 embeddings ``f_t [B, D]`` (not L2-normalised: the heads normalise) as an
+ordinary tensor, so the student's loss may use them in its autograd graph.
 
 ``TeacherHook`` and ``plugins.teacher_cache.TeacherEmbeddingCache`` are the two "teacher
 embedding sources" of a training step; both offer ``teacher_embeddings(images, index, flipped)``
@@ -51,7 +51,11 @@ class TeacherHook(nn.Module):
         model: the teacher backbone (weights already loaded).  It is frozen in place.
         device: where the teacher runs; ``None`` keeps the device of its parameters.  Input images
             are moved there.
-        fp16: run the forward pass under float16 autocast.  CUDA only: ignored on other devices.
+        fp16: run the forward pass under autocast, in ``autocast_dtype``.
+        autocast_dtype: the dtype with ``fp16``; None = float16 on GPUs (CUDA and any device type
+            with autocast) and fp32 on CPU, where the teacher's output is the distillation target
+            and CPU half kernels are slow.  ``torch.float16`` on a CPU runs the GPU recipe there
+            (tests, ``bench/gpu_acceptance.py --device cpu``).
         channels_last: use the channels_last memory format; ``None`` means "on CUDA only".
         embedding_size: expected output size ``D``; checked on every call when given.
         network: the backbone's name (recorded in the teacher cache).
@@ -65,13 +69,15 @@ class TeacherHook(nn.Module):
                  channels_last: Optional[bool] = None,
                  embedding_size: Optional[int] = None,
                  network: str = "",
-                 checkpoint: Optional[str] = None) -> None:
+                 checkpoint: Optional[str] = None,
+                 autocast_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         if device is None:
             first = next(model.parameters(), None)
             device = first.device if first is not None else torch.device("cpu")
         self._device = torch.device(device)
         self.fp16 = bool(fp16)
+        self.requested_dtype = autocast_dtype
         cuda = self._device.type == "cuda"
         self.channels_last = cuda if channels_last is None else bool(channels_last)
         self.embedding_size = embedding_size
@@ -99,9 +105,19 @@ class TeacherHook(nn.Module):
         return self._device if first is None else first.device
 
     @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """The forward pass's autocast dtype, None for fp32 (see ``autocast_dtype`` above)."""
+        device_type = self.device.type
+        if not self.fp16 or not torch.amp.is_autocast_available(device_type):
+            return None
+        if self.requested_dtype is not None:
+            return self.requested_dtype
+        return None if device_type == "cpu" else torch.float16
+
+    @property
     def autocast(self) -> bool:
-        """Whether the forward pass runs under float16 autocast (``fp16`` and on CUDA)."""
-        return self.fp16 and self.device.type == "cuda"
+        """Whether the forward pass runs under autocast (``fp16`` where the device has it)."""
+        return self.autocast_dtype is not None
 
     @property
     def digest(self) -> str:
@@ -123,8 +139,10 @@ class TeacherHook(nn.Module):
         images = images.to(device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        dtype = self.autocast_dtype
         with torch.inference_mode(), torch.autocast(device_type=device.type,
-                                                    dtype=torch.float16, enabled=self.autocast):
+                                                    dtype=dtype or torch.float16,
+                                                    enabled=dtype is not None):
             out = self.model(images)
         if out.dim() != 2 or out.shape[0] != images.shape[0] or (
                 self.embedding_size is not None and out.shape[1] != self.embedding_size):
@@ -151,7 +169,8 @@ def build_teacher(network: str,
                   embedding_size: int = 512,
                   device: Optional[torch.device | str] = None,
                   fp16: bool = False,
-                  get_model: Optional[Callable[..., nn.Module]] = None) -> TeacherHook:
+                  get_model: Optional[Callable[..., nn.Module]] = None,
+                  autocast_dtype: Optional[torch.dtype] = None) -> TeacherHook:
     """Build the teacher backbone by name, load its weights and wrap it in a ``TeacherHook``.
 
     Args:
@@ -160,9 +179,10 @@ def build_teacher(network: str,
         checkpoint: backbone weights (config key ``teacher_checkpoint``).
         embedding_size: the teacher's embedding size (``teacher_embedding_size``).
         device: where the teacher runs (default CPU).
-        fp16: float16 autocast on CUDA (``teacher_fp16``); ignored on other devices.
+        fp16: autocast (``teacher_fp16``): float16 on GPUs, none on CPU unless ``autocast_dtype``.
         get_model: a factory ``get_model(name, num_features=..., fp16=...)`` such as a fork's
             ``backbones.get_model``; default ``plugins.backbones.resolve_model``.
+        autocast_dtype: see ``TeacherHook`` (config key ``amp_dtype``; None for "auto").
 
     Raises:
         FileNotFoundError: ``checkpoint`` is None or does not exist.
@@ -181,8 +201,11 @@ def build_teacher(network: str,
     device = torch.device("cpu" if device is None else device)
     # The network's own fp16 flag must be on under CUDA autocast too: arcface_torch backbones wrap
     # their trunk in ``autocast(enabled=self.fp16)``, which would switch the hook's autocast off.
-    # Off elsewhere: bundled backbones would run their trunk in bfloat16 on a CPU.
-    model = factory(network, num_features=embedding_size, fp16=bool(fp16) and device.type == "cuda")
+    # Off elsewhere (bundled backbones would run their trunk in bfloat16 on a CPU) and for other
+    # dtypes: the hook's own autocast then covers the whole network.
+    network_fp16 = bool(fp16) and device.type == "cuda" and autocast_dtype in (None, torch.float16)
+    model = factory(network, num_features=embedding_size, fp16=network_fp16)
     load_backbone_weights(model, checkpoint, network, config_key="teacher_network")
     return TeacherHook(model, device=device, fp16=fp16, embedding_size=embedding_size,
-                       network=network, checkpoint=os.path.abspath(checkpoint))
+                       network=network, checkpoint=os.path.abspath(checkpoint),
+                       autocast_dtype=autocast_dtype)

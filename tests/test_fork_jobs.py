@@ -87,6 +87,8 @@ def shipped_runs(tmp_path_factory):
         overrides = dict(rec=os.path.join(root, "data"), num_classes=NUM_CLASSES,
                          num_image=NUM_CLASSES, num_epoch=1, warmup_epoch=0, batch_size=8,
                          num_workers=0, output=os.path.join(root, "out", job))
+        if values.get("gkd_tau_batch"):      # the adaptive-k block shrinks with the batch
+            overrides["gkd_tau_batch"] = overrides["batch_size"]
         if values.get("distill", "adadistill") in NEEDS_TEACHER:
             dim = values.get("teacher_embedding_size", 512)
             teacher = os.path.join(root, f"teacher_{dim}.pt")

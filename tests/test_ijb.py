@@ -52,8 +52,8 @@ def _edit(path, fn):
 
 # --------------------------------------------------------------------------- reference pipeline
 
-def reference_scores(img_feats, scores, templates, medias, pairs):
-    """Straightforward float64 version of the published pipeline (loops over templates/pairs)."""
+def reference_templates(img_feats, scores, templates, medias):
+    """Float64 per-template loop of the published aggregation: ``{template id: [D] unit vector}``."""
     dim = img_feats.shape[1] // 2
     f = (img_feats[:, :dim].astype(np.float64) + img_feats[:, dim:]) * scores[:, None]
     vectors = {}
@@ -63,6 +63,12 @@ def reference_scores(img_feats, scores, templates, medias, pairs):
         for m in np.unique(medias[idx]):
             total += f[idx[medias[idx] == m]].mean(axis=0)
         vectors[t] = total / np.linalg.norm(total)
+    return vectors
+
+
+def reference_scores(img_feats, scores, templates, medias, pairs):
+    """Straightforward float64 version of the published pipeline (loops over templates/pairs)."""
+    vectors = reference_templates(img_feats, scores, templates, medias)
     return np.array([float(vectors[a] @ vectors[b]) for a, b in pairs])
 
 
@@ -286,3 +292,107 @@ def test_cli_refuses_conflicting_inputs(ijb_root, tmp_path):
     with pytest.raises(ValueError, match=r"missing\.pt does not exist"):
         eval_ijbc.main(["--image-path", root, "--model-prefix", str(tmp_path / "missing.pt"),
                         "--network", "tiny_s"])
+
+
+# --------------------------------------------------------------------------- fast path vs reference
+
+def _lattice_ijb(seed, num_templates=60, dim=16, num_pairs=4000):
+    """Images whose template features are exact lattice unit vectors, so every pair score is an
+    exact multiple of 1/64 in float32 AND float64: massive score ties, identical in both paths.
+
+    Half the templates have 4 entries +-0.5, half 16 entries +-0.25 (unit norm exactly).  Each
+    template has 1-3 medias of 1-4 identical images, plain = mirror = v / 2, detector score 1."""
+    rng = np.random.default_rng(seed)
+    vectors = np.zeros((num_templates, dim), dtype=np.float32)
+    for t in range(num_templates):
+        k, value = (4, 0.5) if t % 2 else (16, 0.25)
+        where = rng.choice(dim, k, replace=False)
+        vectors[t, where] = value * rng.choice([-1.0, 1.0], k)
+    rows, templates, medias = [], [], []
+    for t in range(num_templates):
+        for m in range(int(rng.integers(1, 4))):
+            for _ in range(int(rng.integers(1, 5))):
+                rows.append(vectors[t] / 2)
+                templates.append(1000 + 7 * t)
+                medias.append(100 * t + m)
+    half = np.array(rows, dtype=np.float32)
+    order = rng.permutation(len(rows))                     # images not grouped by template
+    feats = np.concatenate([half, half], axis=1)[order]
+    templates, medias = np.array(templates)[order], np.array(medias)[order]
+    det = np.ones(len(rows), dtype=np.float32)
+    pairs = 1000 + 7 * rng.integers(0, num_templates, (num_pairs, 2))
+    exact = np.einsum("ij,ij->i", vectors[(pairs[:, 0] - 1000) // 7].astype(np.float64),
+                      vectors[(pairs[:, 1] - 1000) // 7])
+    # genuine pairs mostly at high scores, some impostors tie with them
+    labels = (exact + 0.35 * rng.standard_normal(num_pairs) > 0.6).astype(np.int8)
+    return feats, det, templates, medias, pairs, labels
+
+
+@pytest.mark.parametrize("rule", ["closest", "strict"])
+@pytest.mark.parametrize("block_rows", [7, 2048])
+def test_fast_path_tar_equals_float64_reference_with_ties(rule, block_rows):
+    feats, det, templates, medias, pairs, labels = _lattice_ijb(seed=3)
+    tfeats, tids = ijb.template_features(feats, det, templates, medias)
+    reference = reference_templates(feats, det, templates, medias)
+    np.testing.assert_allclose(tfeats, np.stack([reference[t] for t in tids]), rtol=0, atol=1e-6)
+    ours = ijb.score_pairs(tfeats, tids, pairs, block_rows=block_rows)
+    expected = reference_scores(feats, det, templates, medias, pairs)
+    assert np.unique(expected).size < 40 < len(pairs)                 # heavily tied scores
+    np.testing.assert_array_equal(ours.astype(np.float64), expected)   # exact lattice values
+    report = ijb.evaluate_scores(labels, ours, rule)
+    assert report["tar_at_far"] == reference_tar(labels, expected, rule)  # identical, not approx
+    assert len(set(report["tar_at_far"].values())) > 2                # a non-trivial reading
+
+
+def test_template_features_equal_float64_reference_to_1e6():
+    """Random features, several medias per template, detector scores, images in random order."""
+    rng = np.random.default_rng(5)
+    n, dim = 3000, 64
+    templates = rng.integers(0, 150, n) * 3 + 11
+    medias = templates * 10 + rng.integers(0, 4, n)
+    feats = rng.standard_normal((n, 2 * dim)).astype(np.float32) + 0.3
+    det = rng.uniform(0.2, 1.0, n).astype(np.float32)
+    tfeats, tids = ijb.template_features(feats, det, templates, medias)
+    reference = reference_templates(feats, det, templates, medias)
+    assert tids.tolist() == sorted(reference)
+    np.testing.assert_allclose(tfeats, np.stack([reference[t] for t in tids]), rtol=0, atol=1e-6)
+    # a float64 copy and a memmap-like non-float32 input give the same features
+    again, _ = ijb.template_features(feats.astype(np.float64), det, templates, medias)
+    np.testing.assert_allclose(again, tfeats, rtol=0, atol=1e-7)
+
+
+def test_roc_is_sklearn_roc_curve_bit_for_bit():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(2, 300))
+        labels = rng.integers(0, 2, n).astype(np.int8)
+        labels[:2] = [0, 1]
+        kind = trial % 5
+        if kind == 0:       # few distinct values: ties across both classes
+            scores = rng.integers(-3, 4, n).astype(np.float32) * 0.25
+        elif kind == 1:     # distinct float32
+            scores = rng.standard_normal(n).astype(np.float32)
+        elif kind == 2:     # float64 with ties
+            scores = np.round(rng.standard_normal(n), 1)
+        elif kind == 3:     # +0.0 and -0.0 are one threshold
+            scores = np.where(rng.random(n) < 0.5, 0.0, -0.0)
+        else:               # long collinear runs (drop_intermediate) and integer scores
+            scores = np.repeat(np.arange(n // 2 + 1), 2)[:n]
+            labels = (scores % 3 == 0).astype(np.int64)
+            labels[:2] = [0, 1]
+        ours, sk = ijb.roc(labels, scores), roc_curve(labels, scores)
+        for mine, theirs in zip(ours, sk):
+            assert mine.dtype == theirs.dtype
+            np.testing.assert_array_equal(mine, theirs)
+    assert ijb.roc(np.array([0, 1]), np.array([0.5, 0.5]))[0].tolist() == [0.0, 1.0]
+
+
+def test_roc_rejects_bad_input():
+    with pytest.raises(ValueError, match="both genuine"):
+        ijb.roc(np.ones(4, np.int8), np.arange(4.0))
+    with pytest.raises(ValueError, match="0 \\(impostor\\) or 1"):
+        ijb.roc(np.array([0, 1, 2]), np.arange(3.0))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ijb.roc(np.array([0, 1]), np.array([0.1, np.nan]))
+    with pytest.raises(ValueError, match="must be \\[P\\]"):
+        ijb.roc(np.array([0, 1]), np.zeros(3))

@@ -30,6 +30,7 @@ import os
 import sys
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from ._registry import list_models, model_factory, register_model
@@ -54,7 +55,8 @@ def get_model(name: str,
         name: registered name, e.g. ``"r50"``, ``"mbf"``, ``"mobilefacenet"``.
         num_features: embedding size D of the ``[B, D]`` output.
         fp16: arcface_torch's flag: the convolutional trunk runs under autocast (float16 on CUDA,
-            bfloat16 on CPU), the embedding head in fp32; weights stay fp32.
+            bfloat16 on CPU), the embedding head in fp32; weights stay fp32.  A ``torch.dtype``
+            (e.g. ``torch.float16`` on a CPU) is the trunk's autocast dtype on any device.
         dropout: dropout before the embedding layer; networks without a dropout layer (mbf,
             mbf_large, mobilefacenet) accept only 0.0.
         **options: extra options a network declares; the only one today is
@@ -70,7 +72,9 @@ def get_model(name: str,
                          f"{extra if extra else 'none'}")
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    kwargs = dict(options, num_features=num_features, fp16=bool(fp16))
+    # a torch.dtype is passed through: the trunk autocasts to it (see _common.trunk_autocast)
+    fp16 = fp16 if isinstance(fp16, torch.dtype) else bool(fp16)
+    kwargs = dict(options, num_features=num_features, fp16=fp16)
     if "dropout" in params:
         kwargs["dropout"] = float(dropout)
     elif dropout:

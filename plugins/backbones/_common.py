@@ -2,29 +2,42 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from typing import ContextManager, Optional, Union
 
 import torch
 
 INPUT_SIZE = 112
 
 
-def trunk_autocast(x: torch.Tensor, fp16: bool) -> ContextManager:
+def default_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The half type ``fp16=True`` means on a device type: float16 on GPUs (``cuda`` and any other
+    device type with autocast), bfloat16 on ``cpu`` (CPU float16 kernels are slow and bfloat16 has
+    fp32's range, so no GradScaler is needed), None where torch has no autocast."""
+    if device_type == "cpu":
+        return torch.bfloat16
+    if device_type == "cuda" or torch.amp.is_autocast_available(device_type):
+        return torch.float16
+    return None
+
+
+def trunk_autocast(x: torch.Tensor, fp16: Union[bool, torch.dtype]) -> ContextManager:
     """Autocast context for the convolutional trunk of a backbone built with ``fp16=True``.
 
     arcface_torch's meaning of ``fp16``: the trunk runs under autocast, the embedding head in fp32.
-    The device type is taken from the input ``x``: on ``cuda`` the trunk runs in float16; on ``cpu``
-    in bfloat16 (CPU autocast has no float16 convolutions); any other device type runs in float16
-    when torch supports autocast there, else in fp32.  ``fp16=False`` is a no-op context.
+    The device type is taken from the input ``x``; ``fp16=True`` autocasts to
+    ``default_autocast_dtype`` of that device type (float16 on CUDA, bfloat16 on CPU, fp32 where
+    torch has no autocast); ``fp16`` given as a ``torch.dtype`` autocasts to that dtype on any
+    device (``host/precision.py`` passes ``torch.float16`` to run the CUDA recipe on a CPU).
+    ``fp16=False`` is a no-op context.
     """
-    if not fp16:
-        return contextlib.nullcontext()
     device_type = x.device.type
-    if device_type == "cpu":
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-    if device_type == "cuda" or torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type=device_type, dtype=torch.float16)
-    return contextlib.nullcontext()
+    if isinstance(fp16, torch.dtype):
+        dtype = fp16
+    else:
+        dtype = default_autocast_dtype(device_type) if fp16 else None
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def check_face_batch(x: torch.Tensor, network: str) -> None:

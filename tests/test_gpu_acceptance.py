@@ -1,0 +1,72 @@
+"""bench/gpu_acceptance.py keeps working: its CPU quick mode end to end, and its failure rules."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.training_helpers import REPO
+
+SCRIPT = os.path.join(REPO, "bench", "gpu_acceptance.py")
+STAGES = ("data", "teacher", "adadistill", "adadistill-resume", "gkd", "gkd-resume",
+          "cache-build", "cached", "ijbc", "onnx")
+
+
+def test_cpu_quick_mode_passes_every_stage(tmp_path):
+    work = tmp_path / "acceptance"
+    proc = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--quick", "--workdir",
+                           str(work)], cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
+    lines = [line for line in out.splitlines() if line.startswith("[PASS]")]
+    assert [line.split()[1] for line in lines] == list(STAGES)
+    assert "10 passed, 0 failed" in out
+    assert "resumed from the checkpoint" in out and "cached/online step time:" in out
+    assert "peak host RSS" in out
+    # the GPU recipe's lines ran: float16 autocast + GradScaler("cpu"), channels_last, and the
+    # resumed runs continued from the checkpoint in the middle
+    for run in ("adadistill", "gkd"):
+        log = (work / "runs" / run / "training.log").read_text()
+        assert "student trunk float16 + GradScaler('cpu'), channels_last True" in log
+        assert "Fp16 Grad Scale" in log and "step_000000002 (epoch 0, step 2" in log
+    assert (work / "teacher_cache" / "meta.json").is_file()
+    assert (work / "results" / "acceptance" / "ijbc.json").is_file()
+    assert (work / "student.onnx").is_file()
+
+
+def _args(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_acceptance", SCRIPT)
+    gpu_acceptance = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_acceptance)
+    args = gpu_acceptance.build_parser().parse_args(
+        ["--device", "cpu", "--quick", "--launch", "inprocess", "--workdir",
+         str(tmp_path / "w")])
+    return gpu_acceptance, args
+
+
+def test_a_failed_stage_fails_its_dependants_and_the_exit_code(tmp_path, monkeypatch, capsys):
+    module, args = _args(tmp_path)
+
+    def broken(self):
+        raise OSError("disk full")
+    monkeypatch.setattr(module.Acceptance, "make_data", broken)
+    assert module.Acceptance(args).run() == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] data" in out and "OSError: disk full" in out
+    assert "[FAIL] adadistill" in out and "skipped: needs data" in out
+    assert "0 passed, 10 failed" in out
+
+
+def test_refuses_a_folder_it_did_not_make_and_a_missing_gpu(tmp_path):
+    module, args = _args(tmp_path)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "precious.txt").write_text("x")
+    with pytest.raises(SystemExit, match="not made by this script"):
+        module.Acceptance(args).run()
+    assert (tmp_path / "w" / "precious.txt").is_file()
+    with pytest.raises(SystemExit, match="--device cpu --quick"):
+        module.main(["--workdir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--nproc 1"):
+        module.main(["--device", "cpu", "--launch", "inprocess", "--nproc", "2"])

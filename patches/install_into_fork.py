@@ -27,9 +27,9 @@ from typing import List, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-ESSENTIAL_DIRS = ("plugins", "host")
+ESSENTIAL_DIRS = ("plugins", "engine", "data")
 ESSENTIAL_FILES = ("train_distill.py",)
-OPTIONAL_DIRS = ("eval", "patches")
+OPTIONAL_DIRS = ("eval", "tools", "patches")
 SKIPPED_NAMES = ("__pycache__",)
 SKIPPED_SUFFIXES = (".pyc", ".pyo", ".orig", ".tmp")
 

@@ -6,7 +6,7 @@ gives each rank's embeddings [B, D] the exact gradient of that mean for its own 
 backbone gradient of the global-batch mean is therefore the SUM over ranks of the per-rank
 backbone gradients.  Plain DDP AVERAGES them (divides the sum by W).  Two ways to get the sum:
 
-- our trainer registers ``exact_gradient_hook`` (host/runtime.py), a comm hook that sums;
+- our trainer registers ``exact_gradient_hook`` (engine/runtime.py), a comm hook that sums;
 - a fork's patched ``train_v2.py`` keeps the fork's DDP (upstream registers its own
   ``fp16_compress_hook``, and DDP accepts one hook only) and multiplies the embeddings'
   gradient by W before DDP averages -- exactly what upstream's PartialFC_V2 does in the backward

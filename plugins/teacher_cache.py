@@ -2,7 +2,7 @@
 
 With flip-only augmentation an image reaches the teacher either as it is or mirrored, so its
 teacher embedding is one of two vectors.  A cache stores both for every image, computed once
-(``host/teacher_cache_build.py``), and training reads them instead of running the teacher.
+(``engine/teacher_cache_build.py``), and training reads them instead of running the teacher.
 
 Format (a folder ``<path>/``, format version 1):
 

@@ -185,7 +185,7 @@ class PolyScheduler(torch.optim.lr_scheduler.LambdaLR):
 """Stand-in of the fork's loader: yields (img, labels) only, as arcface_torch's does."""
 from torch.utils.data import DataLoader, Dataset
 
-from host.dataset import FaceRecordDataset
+from data.dataset import FaceRecordDataset
 
 
 class ImagesAndLabels(Dataset):
@@ -240,15 +240,15 @@ def block_of(text: str, needle: str) -> str:
 def test_patch_places_every_change_by_meaning():
     out = patcher.patch_source(TRAIN_V2)
     assert out.count("# >>> kdface distill") == out.count("# <<< kdface distill") == 7
-    assert block_of(out, "from host.factory") == (
+    assert block_of(out, "from plugins.builders") == (
         "# >>> kdface distill\n"
-        "from host.factory import build_head\n"
-        "from host.fork_loop import (build_fork_teacher, distill_method, fork_head_loss, "
+        "from plugins.builders import build_head\n"
+        "from plugins.fork_loop import (build_fork_teacher, distill_method, fork_head_loss, "
         "model_builder,\n"
         "                            prepare_fork_config)\n"
         "# <<< kdface distill\n")
     # right after the last import, before the process-group block
-    assert "import setup_seed\n# >>> kdface distill\nfrom host.factory" in out
+    assert "import setup_seed\n# >>> kdface distill\nfrom plugins.builders" in out
     config = block_of(out, "prepare_fork_config(cfg)")
     assert out.index("    cfg = get_config(args.config)\n") + len(
         "    cfg = get_config(args.config)\n") == out.index(config)
@@ -533,9 +533,9 @@ def first_step_loss(fork: str, job: str) -> float:
     """The first loss the patched script must log, recomputed here from the same seed, data,
     networks and head: ``head(tiny_s(img), labels, teacher=tiny_t(img))``."""
     import torch
-    from host.config import get_config
-    from host.dataset import FaceRecordDataset
-    from host.factory import build_head, build_teacher_source
+    from engine.config import get_config
+    from data.dataset import FaceRecordDataset
+    from plugins.builders import build_head, build_teacher_source
     from plugins.backbones import get_model
     cfg = get_config(f"configs/{job}", root=fork)
     torch.manual_seed(cfg.seed)  # the stand-in's setup_seed, then the same construction order

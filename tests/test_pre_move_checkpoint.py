@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from host.config import get_config
-from host.trainer import train
+from engine.config import get_config
+from engine.trainer import train
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
                        "pre_move_checkpoint")

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from eval import verification as verification_cli
-from host import verification as ver
-from host.image_codec import decode_rgb, encode_jpeg
-from host.model_io import TorchEmbedder
-from host.synthetic import write_verification_bin
+from eval import bin_verification as ver
+from data.image_codec import decode_rgb, encode_jpeg
+from eval.model_io import TorchEmbedder
+from tools.synthetic import write_verification_bin
 from plugins.backbones import get_model
 
 
@@ -180,7 +180,7 @@ def test_callback_evaluates_logs_and_keeps_best(bin_dir, tiny, caplog):
     callback = ver.VerificationCallback(["lfw", "cfp_fp"], str(bin_dir), batch_size=16,
                                         summary_writer=writer)
     tiny.train()
-    with caplog.at_level(logging.INFO, logger="host.verification"):
+    with caplog.at_level(logging.INFO, logger="eval.bin_verification"):
         results = callback(7, tiny)
     assert tiny.training                                   # mode restored
     expected = ver.verify(ver.load_bin(str(bin_dir / "lfw.bin")),

@@ -37,7 +37,7 @@ TMP_MARK = ".tmp."
 
 def temporary_name(path: str) -> str:
     """``<dir>/.<name>.tmp.<pid>``: the temporary file ``atomic_output`` writes before renaming
-    (start-up removes leftovers of a killed writer, see host/run_guard)."""
+    (start-up removes leftovers of a killed writer, see engine/run_guard)."""
     directory = os.path.dirname(os.path.abspath(path))
     return os.path.join(directory, f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
 

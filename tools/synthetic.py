@@ -15,7 +15,7 @@ disjoint from the training set); pass ``first_id=0`` to evaluate on training ide
 
 Command line (writes ``train.rec/.idx``, ``property``, ``<name>.bin`` and ``<IJB>/``)::
 
-    python -m host.synthetic --out data/synth --num-ids 50 --images-per-id 20 \\
+    python -m tools.synthetic --out data/synth --num-ids 50 --images-per-id 20 \\
         --bins lfw,cfp_fp --num-pairs 300 --ijb IJBC --ijb-ids 40
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from host.image_codec import encode_jpeg
+from data.image_codec import encode_jpeg
 from plugins.recordio import RecordWriter, make_header
 
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],

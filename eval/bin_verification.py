@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from host.image_codec import decode_rgb
-from host.model_io import Embedder, TorchEmbedder
+from data.image_codec import decode_rgb
+from eval.model_io import Embedder, TorchEmbedder
 
 LOG = logging.getLogger(__name__)
 
@@ -302,13 +302,13 @@ class VerificationCallback:
 
 def main(argv: Optional[List[str]] = None) -> List[VerificationResult]:
     """CLI: ``python eval/verification.py`` or, inside a fork whose own eval/verification.py
-    stays, ``python -m host.verification`` (same flags)."""
+    stays, ``python -m eval.bin_verification`` (same flags)."""
     import argparse
     import dataclasses
     import json
 
-    from host.atomic_io import save_text
-    from host.model_io import load_embedder
+    from plugins.atomic_io import save_text
+    from eval.model_io import load_embedder
 
     parser = argparse.ArgumentParser(description="10-fold verification on .bin sets")
     parser.add_argument("--model-prefix", required=True, help="backbone checkpoint or .onnx")

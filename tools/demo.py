@@ -1,7 +1,7 @@
 """The CPU demo behind `make demo`: synthetic faces -> a teacher -> students trained alone, with
 AdaDistill and with GKD -> a verification table comparing them.
 
-    python -m host.demo [--quick]
+    python -m tools.demo [--quick]
 
 Everything lands in work_dirs/demo/ (data, one folder per run, results.json).  The four runs use
 the job configs configs/demo_{teacher,student,adadistill,gkd}.py; --quick shrinks them for tests.
@@ -16,8 +16,8 @@ from typing import Dict, List, Optional, Sequence
 
 from prettytable import PrettyTable
 
-from host.config import get_config
-from host.synthetic import write_train_set, write_verification_bin
+from engine.config import get_config
+from tools.synthetic import write_train_set, write_verification_bin
 
 RUNS = (("teacher", "demo_teacher"), ("student alone", "demo_student"),
         ("AdaDistill", "demo_adadistill"), ("GKD", "demo_gkd"))
@@ -41,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     parser.add_argument("--output", default=None, help="work folder (default work_dirs/demo)")
     args = parser.parse_args(argv)
-    from host.trainer import train
+    from engine.trainer import train
 
     start = time.time()
     configs = [(label, get_config(f"configs/{name}")) for label, name in RUNS]

@@ -63,9 +63,9 @@ def build_teacher_source(cfg, device=None, num_images: Optional[int] = None):
     if not head_spec(cfg.distill).needs_teacher:
         return None
     if cfg.teacher_cache:
-        from host.teacher_cache_build import open_teacher_cache
+        from engine.teacher_cache_build import open_teacher_cache
         return open_teacher_cache(cfg, num_images=num_images, force=cfg.teacher_cache_force)
-    from host.precision import AMP_DTYPES
+    from engine.precision import AMP_DTYPES
     from plugins.teacher import build_teacher
     return build_teacher(cfg.teacher_network, cfg.teacher_checkpoint,
                          embedding_size=cfg.teacher_embedding_size, device=device,
@@ -79,5 +79,5 @@ def teacher_class_means(cfg, teacher) -> Optional[torch.Tensor]:
     cache); None when the config names a classifier or the method takes none."""
     if head_spec(cfg.distill).teacher_classifier != "or_class_means" or cfg.teacher_classifier:
         return None
-    from host.teacher_cache_build import class_mean_classifier_from_cache
+    from engine.teacher_cache_build import class_mean_classifier_from_cache
     return class_mean_classifier_from_cache(teacher, None, cfg.num_classes)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from host.factory import build_teacher_source, check_config
+from plugins.builders import build_teacher_source, check_config
 from plugins.config_defaults import apply_distill_defaults, check_types
 from plugins.ddp_gradient import undo_ddp_average
 

@@ -327,7 +327,7 @@ def open_teacher_cache(cfg: Mapping[str, Any], num_images: Optional[int] = None,
 
 def _amp_dtype(cfg: Mapping[str, Any]) -> Optional[torch.dtype]:
     """The teacher's autocast dtype of config key ``amp_dtype`` (None for "auto")."""
-    from host.precision import AMP_DTYPES
+    from engine.precision import AMP_DTYPES
     return AMP_DTYPES[cfg.get("amp_dtype", "auto")]
 
 
@@ -340,7 +340,7 @@ def build_from_config(cfg: Mapping[str, Any], overwrite: bool = False,
     teacher_checkpoint, teacher_embedding_size, teacher_cache, teacher_fp16 (falling back to
     fp16 when a config lacks it), amp_dtype (default "auto") and skip_bad_records (default False).
     """
-    from host.dataset import FaceRecordDataset
+    from data.dataset import FaceRecordDataset
 
     if not cfg.get("teacher_cache"):
         raise ValueError("config key 'teacher_cache' is not set: name the folder that will hold "

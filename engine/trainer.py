@@ -18,15 +18,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from host.atomic_io import atomic_torch_save
-from host.checkpoint import CheckpointManager
-from host.factory import build_head, build_teacher_source, check_config, teacher_class_means
-from host.lr_schedule import run_schedule
-from host.run_guard import run_guard
-from host.run_identity import check_resume, run_identity
-from host.step_guard import BufferSnapshot
-from host.precision import precision_plan, scaler_step
-from host.runtime import (CONFIG_LOGGER, configure_cpu_threads, exact_gradient_hook, init_distributed,
+from plugins.atomic_io import atomic_torch_save
+from engine.checkpoint import CheckpointManager
+from plugins.builders import build_head, build_teacher_source, check_config, teacher_class_means
+from engine.lr_schedule import run_schedule
+from engine.run_guard import run_guard
+from engine.run_identity import check_resume, run_identity
+from engine.step_guard import BufferSnapshot
+from engine.precision import precision_plan, scaler_step
+from engine.runtime import (CONFIG_LOGGER, configure_cpu_threads, exact_gradient_hook, init_distributed,
                           seed_everything, setup_logging)
 from plugins.heads import DistillHead
 from plugins.sharded_state import gather_full_table
@@ -97,7 +97,7 @@ def train(cfg) -> dict:
 
 
 def _train(cfg, stop) -> dict:
-    from host.dataset import FaceRecordDataset, ResumableDistributedSampler, make_loader
+    from data.dataset import FaceRecordDataset, ResumableDistributedSampler, make_loader
     from plugins.backbones import resolve_model
 
     rank, world, _, device = init_distributed()
@@ -178,7 +178,7 @@ def _train(cfg, stop) -> dict:
         for key in sorted(cfg):
             config_log.info("%-28s %r", key, cfg[key])
         if cfg.get("val_targets") and cfg.verbose > 0:
-            from host.verification import VerificationCallback
+            from eval.bin_verification import VerificationCallback
             verifier = VerificationCallback(cfg.val_targets, cfg.rec, summary_writer=writer)
 
     def save_checkpoint() -> None:

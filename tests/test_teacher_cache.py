@@ -14,9 +14,9 @@ from easydict import EasyDict
 
 from data.dataset import FaceRecordDataset
 from tools.synthetic import write_train_set
-from engine.teacher_cache_build import (build_from_config, build_teacher_cache,
-                                      class_mean_classifier_from_cache, expected_meta,
-                                      open_teacher_cache)
+from engine.teacher_cache_build import build_from_config, build_teacher_cache
+from plugins.teacher_cache import (class_mean_classifier_from_cache, expected_meta,
+                                   open_teacher_cache)
 from plugins.backbones import resolve_model
 from plugins.teacher import build_teacher
 from plugins.teacher_cache import (EMBEDDINGS_FILE, LABELS_FILE, META_FILE, TeacherEmbeddingCache,

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -148,7 +149,8 @@ def snapshot(folder: str) -> dict:
 def run_install(fork: str, *flags: str) -> tuple:
     out = io.StringIO()
     installer.check_target(fork)
-    code = installer.install(fork, dry_run="--dry-run" in flags, out=out)
+    code = installer.install(fork, dry_run="--dry-run" in flags, out=out,
+                             plugins_only="--plugins-only" in flags)
     return code, out.getvalue()
 
 
@@ -365,3 +367,46 @@ def test_train_distill_runs_in_the_fork_with_its_network(installed_fork):
     state = torch.load(os.path.join(root, "out", "model.pt"), weights_only=True)
     assert "fork_fc.weight" in state and tuple(state["fork_fc.weight"].shape) == (64, 784)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_plugins_only_install_copies_the_plugin_and_configs(tmp_path):
+    fork = write_fork(str(tmp_path))
+    code, report = run_install(fork, "--plugins-only")
+    assert code == 0, report
+    copied = {line.split()[1] for line in report.splitlines() if line.strip().startswith("copied")}
+    assert set(installer._tree_files("plugins")) <= copied
+    assert set(installer._job_configs()) <= copied
+    assert "patches/patch_train_v2.py" in copied
+    assert not [rel for rel in copied if rel.split("/")[0] in ("engine", "data", "eval", "tools")
+                or rel == "train_distill.py"]
+    os.makedirs(os.path.join(fork, "engine"))     # the fork's own engine/ is no clash here
+    with open(os.path.join(fork, "plugins", "teacher.py"), "w") as handle:
+        handle.write("# a fork's own plugins/teacher.py\n")
+    code, report = run_install(fork, "--plugins-only")
+    assert code == 1 and "REFUSED    plugins/teacher.py" in report
+    assert f"rm -r {os.path.join(fork, 'plugins')})" in report
+
+
+PLUGIN_IMPORTS = '''\
+import importlib, json, pkgutil, sys
+import plugins
+names = ["plugins"] + [m.name for m in pkgutil.walk_packages(plugins.__path__, "plugins.")]
+for name in names:
+    importlib.import_module(name)
+ours = sorted({m.split(".")[0] for m in sys.modules} & {"engine", "data", "eval", "tools",
+                                                         "easydict", "cv2", "host"})
+print(json.dumps({"modules": len(names), "foreign": ours}))
+'''
+
+
+def test_plugins_alone_import_without_the_rest_of_the_toolkit(tmp_path):
+    """Every module of plugins/ imports from a folder holding plugins/ only, and pulls in none of
+    engine/, data/, eval/, tools/ (nor easydict / cv2)."""
+    import json
+    shutil.copytree(os.path.join(REPO, "plugins"), tmp_path / "plugins",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([PYTHON, "-c", PLUGIN_IMPORTS], cwd=str(tmp_path), env=fork_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["modules"] > 30 and result["foreign"] == []

@@ -183,9 +183,12 @@ class PolyScheduler(torch.optim.lr_scheduler.LambdaLR):
 ''',
     "dataset.py": '''\
 """Stand-in of the fork's loader: yields (img, labels) only, as arcface_torch's does."""
+import sys
+
 from torch.utils.data import DataLoader, Dataset
 
-from data.dataset import FaceRecordDataset
+sys.path.append("@REPO@")  # the stand-in borrows kdface's reader (last: the fork's plugins/ win)
+from data.dataset import FaceRecordDataset  # noqa: E402
 
 
 class ImagesAndLabels(Dataset):
@@ -513,9 +516,13 @@ def patched_fork(tmp_path_factory):
     fork = write_fork(root, delegate_unknown_networks=True)
     for rel, text in {"train_v2.py": TRAIN_V2, **FORK_MODULES}.items():
         with open(os.path.join(fork, rel), "w") as handle:
-            handle.write(text)
-    code, report = run_install(fork)
+            handle.write(text.replace("@REPO@", REPO))
+    # the patched train_v2.py needs the plugin alone: nothing of engine/, data/, eval/, tools/
+    code, report = run_install(fork, "--plugins-only")
     assert code == 0, report
+    for ours in ("engine", "data", "tools", "train_distill.py"):
+        assert not os.path.exists(os.path.join(fork, ours)), ours
+    assert os.path.isfile(os.path.join(fork, "plugins", "fork_loop.py"))
     assert patcher.main([os.path.join(fork, "train_v2.py")]) == 0
     setup = tiny_training_setup(root)
     for name, distill, cache in (("kd_adadistill", "adadistill", None),

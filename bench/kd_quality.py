@@ -151,11 +151,20 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         if cached is not None:
             results.append(cached)
         else:
+            job["reuse"] = not args.fresh      # a worker re-checks the cache unless --fresh
             pending.append(job)
     print(f"[kd-bench] teacher {'cached' if teacher_result else 'to train'} "
           f"({teacher['output']}); {len(results)} runs cached, {len(pending)} to run with "
           f"{args.jobs} parallel job(s)", flush=True)
 
+    if args.report_only:
+        if teacher_result is None:
+            raise SystemExit(f"--report-only: no finished teacher in {teacher['output']}")
+        missing = [job["name"] for job in pending]
+        if missing:
+            print(f"[kd-bench] --report-only: {len(missing)} runs not finished, left out: "
+                  f"{missing}", flush=True)
+        pending = []
     with _executor(args.jobs) as pool:
         futures = {}
         if teacher_result is None:
@@ -211,6 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                         help="cache folder: data, teacher, runs")
     parser.add_argument("--out", default="", help="report folder (default <root>/full|quick)")
     parser.add_argument("--fresh", action="store_true", help="retrain cached student runs")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: the table of the finished (cached) runs")
     parser.add_argument("--fresh-teacher", action="store_true",
                         help="retrain the teacher even if cached")
     argv = list(sys.argv[1:] if argv is None else argv)

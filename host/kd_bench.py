@@ -39,12 +39,17 @@ TASK: Dict[str, Any] = {
                "verbose": 10 ** 9, "frequent": 50, "save_every": 10 ** 9,
                "keep_checkpoints": 1, "grad_clip": 5.0},
     "teacher": {"network": "kdb_teacher", "distill": "none", "margin_list": COS,
-                "num_epoch": 4, "seed": 0},
-    "student": {"network": "kdb_student", "teacher_network": "kdb_teacher", "num_epoch": 4},
+                "num_epoch": 2, "seed": 0},
+    # gkd_warmup_epochs 0: GKD's KD ramp is per (integer) epoch, so in a 1-epoch run any ramp
+    # would switch the KD term off for the whole run
+    "student": {"network": "kdb_student", "teacher_network": "kdb_teacher", "num_epoch": 1,
+                "gkd_warmup_epochs": 0},
     "seeds": (0, 1, 2),
 }
-QUICK: Dict[str, Any] = {"teacher": {"num_epoch": 2}, "student": {"num_epoch": 1},
-                         "seeds": (0,)}
+QUICK: Dict[str, Any] = {
+    "data": {"num_ids": 300, "images_per_id": 12, "bin_pairs": 400, "bin_ids": 100,
+             "ijb_ids": 100},
+    "seeds": (0,)}
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ def test_cached_result_needs_matching_digest(tmp_path):
 
 def _args(root, **kw):
     ns = argparse.Namespace(quick=True, jobs=1, seeds="0,1", methods="AdaCosDistill alpha'",
-                            root=str(root), out="", fresh=False, fresh_teacher=False, argv=[])
+                            root=str(root), out="", fresh=False, fresh_teacher=False,
+                            report_only=False, argv=[])
     for key, value in kw.items():
         setattr(ns, key, value)
     return ns
@@ -128,6 +129,17 @@ def test_fresh_flags_retrain(tmp_path, fakes):
     assert len(fakes.teacher_calls) == 1 and len(fakes.student_calls) == 2 * n_students
     kd_quality.run(_args(tmp_path, seeds="0", methods="", fresh_teacher=True))
     assert len(fakes.teacher_calls) == 2
+
+
+def test_report_only_trains_nothing_and_tables_the_finished_runs(tmp_path, fakes, capsys):
+    with pytest.raises(SystemExit, match="no finished teacher"):
+        kd_quality.run(_args(tmp_path, report_only=True))
+    kd_quality.run(_args(tmp_path, seeds="0"))
+    calls = (len(fakes.teacher_calls), len(fakes.student_calls))
+    payload = kd_quality.run(_args(tmp_path, seeds="0,1", report_only=True))
+    assert (len(fakes.teacher_calls), len(fakes.student_calls)) == calls
+    assert [r["n"] for r in payload["summary"]["rows"]] == [1, 1]
+    assert "2 runs not finished" in capsys.readouterr().out
 
 
 def test_unknown_method_is_refused(tmp_path, fakes):
@@ -286,3 +298,38 @@ def test_markdown_and_plot(tmp_path):
     path = kd_bench.plot_summary(summary, str(tmp_path / "p.png"), titles=titles)
     with open(path, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def test_ijb_eval_from_cached_aligned_images_equals_the_ijb_pipeline(tmp_path):
+    """The benchmark's IJB evaluation (aligned images kept in a .npy) gives the numbers of
+    host.ijb's own pipeline (extract_features -> score_features -> evaluate_scores)."""
+    import torch
+
+    from host.ijb import (AlignedFaceDataset, evaluate_scores, extract_features, far_key,
+                          load_meta, score_features)
+    from host.kd_bench_jobs import ALIGNED_FILE, ijb_tar_at_far, register_backbones
+    from host.model_io import TorchEmbedder
+    from host.synthetic import write_ijb
+    from plugins.backbones import get_model
+
+    root = str(tmp_path / "IJBC")
+    write_ijb(root, "IJBC", num_ids=4, templates_per_id=2, medias_per_template=2,
+              images_per_media=1, impostor_ratio=10, seed=3)
+    register_backbones()
+    torch.manual_seed(0)
+    model = get_model("kdb_student", num_features=16).eval()
+    fars = (1e-2, 1e-1)
+    ours = ijb_tar_at_far(model, root, "IJBC", fars, batch_size=5)
+    assert os.path.isfile(os.path.join(root, ALIGNED_FILE.format(size=112)))
+    again = ijb_tar_at_far(model, root, "IJBC", fars, batch_size=5)     # from the .npy
+    meta = load_meta(root, "IJBC")
+    data = AlignedFaceDataset(meta.image_dir, meta.names, meta.landmarks, meta.landmark_file)
+    feats = extract_features(TorchEmbedder(model, autocast=False), data, batch_size=5,
+                             num_workers=0, progress=False)
+    ref = evaluate_scores(meta.labels, score_features(meta, feats)[0], "closest", fars)
+    for far in fars:
+        assert ours[f"tar@{far_key(far)}"] == ref["tar_at_far"][far_key(far)]
+    assert ours == again and ours["ijb_auc"] == ref["auc"]
+    assert ours["ijb_genuine"] == ref["num_genuine"] == 4      # 4 ids x C(2, 2) template pairs

@@ -241,35 +241,44 @@ def _fmt(value: Optional[float], digits: int = 2, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def markdown_tables(summary: Mapping[str, Any], titles: Mapping[str, str] = METRICS,
-                    headline: str = HEADLINE) -> str:
-    """Two markdown tables: mean +- std of every metric (teacher first), and for ``headline``
-    the gap closed and the paired comparison with the baseline."""
+def markdown_tables(summary: Mapping[str, Any], titles: Mapping[str, str] = METRICS) -> str:
+    """Three markdown tables over every metric: mean +- std (teacher first); the fraction of the
+    teacher - student-alone gap closed; the paired difference with the baseline on the same
+    seeds (mean +- std, t, two-sided p, wins/losses/ties)."""
     metrics = summary["metrics"]
-    lines = ["| method | n | " + " | ".join(titles[k] for k in metrics) + " |",
-             "|---|---|" + "---|" * len(metrics)]
+    head = " | ".join(titles[k] for k in metrics)
+    rule = "|---|" + "---|" * len(metrics)
+    lines = ["| method | n | " + head + " |", "|---|" + rule]
     lines.append("| teacher | 1 | " + " | ".join(_fmt(summary["teacher"][k]) for k in metrics)
                  + " |")
     for row in summary["rows"]:
         cells = [f"{_fmt(row['metrics'][k]['mean'])} +- {_fmt(row['metrics'][k]['std'])}"
                  for k in metrics]
         lines.append(f"| {row['method']} | {row['n']} | " + " | ".join(cells) + " |")
-    title = titles[headline]
-    lines += ["", f"| method | gap closed ({title}) | paired diff vs {summary['baseline']} "
-              f"(mean +- std) | t | p | wins/losses/ties | gap closed (.bin acc) |",
-              "|---|---|---|---|---|---|---|"]
+    base = next((r for r in summary["rows"] if r["method"] == summary["baseline"]), None)
+    gaps = [_fmt(summary["teacher"][k] - base["metrics"][k]["mean"]) if base else "--"
+            for k in metrics]
+    lines += ["", "Fraction of the teacher - student-alone gap closed, "
+              "(method - student alone) / (teacher - student alone), on the means:", "",
+              "| method | " + head + " |", rule,
+              "| (gap, points) | " + " | ".join(gaps) + " |"]
     for row in summary["rows"]:
-        cell = row["metrics"][headline]
-        paired = cell["paired"]
-        gap = cell["gap_closed"]
-        bin_gap = row["metrics"].get("bin_acc", {}).get("gap_closed")
-        if paired is None:
-            lines.append(f"| {row['method']} | {_fmt(gap)} | (baseline) | | | | {_fmt(bin_gap)} |")
+        lines.append(f"| {row['method']} | " + " | ".join(
+            _fmt(row["metrics"][k]["gap_closed"]) for k in metrics) + " |")
+    lines += ["", f"Paired difference with {summary['baseline']} (same seeds): mean +- std of "
+              "the per-seed differences, t = mean / (std / sqrt(n)), two-sided p (df = n - 1), "
+              "wins/losses/ties:", "", "| method | " + head + " |", rule]
+    for row in summary["rows"]:
+        if row["method"] == summary["baseline"]:
             continue
-        lines.append(
-            f"| {row['method']} | {_fmt(gap)} | {_fmt(paired['mean_diff'], signed=True)} +- "
-            f"{_fmt(paired['std_diff'])} | {_fmt(paired['t'])} | {_fmt(paired['p'], 3)} | "
-            f"{paired['wins']}/{paired['losses']}/{paired['ties']} | {_fmt(bin_gap)} |")
+        cells = []
+        for k in metrics:
+            paired = row["metrics"][k]["paired"]
+            cells.append(f"{_fmt(paired['mean_diff'], signed=True)} +- "
+                         f"{_fmt(paired['std_diff'])} (t {_fmt(paired['t'])}, p "
+                         f"{_fmt(paired['p'], 3)}, {paired['wins']}/{paired['losses']}/"
+                         f"{paired['ties']})")
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -288,13 +288,16 @@ def test_markdown_and_plot(tmp_path):
     titles = {"a": "A", "b": "B"}
     summary = aggregate(runs, {"a": 61.0, "b": 95.0}, ["student alone", "M1", "M2"],
                         metrics=("a", "b"))
-    text = kd_bench.markdown_tables(summary, titles=titles, headline="a")
+    text = kd_bench.markdown_tables(summary, titles=titles)
     lines = text.splitlines()
     assert lines[0] == "| method | n | A | B |"
     assert "| teacher | 1 | 61.00 | 95.00 |" in lines
     assert any(line.startswith("| M1 | 3 | 55.00 +- 2.00 |") for line in lines)
-    m1 = next(line for line in lines if line.startswith("| M1 | 0.40 |"))
-    assert "+4.00 +- 2.65" in m1 and "3/0/0" in m1
+    assert "| (gap, points) | 10.00 | 5.00 |" in lines
+    assert "| M1 | 0.40 | 0.33 |" in lines          # (55 - 51) / 10, (91.67 - 90) / 5
+    m1 = [line for line in lines if line.startswith("| M1 | +4.00 +- 2.65 (t 2.62, p 0.120, "
+                                                        "3/0/0)")]
+    assert len(m1) == 1
     path = kd_bench.plot_summary(summary, str(tmp_path / "p.png"), titles=titles)
     with open(path, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"

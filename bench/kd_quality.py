@@ -195,6 +195,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                          for m in methods],
                "teacher": teacher_result, "runs": results, "summary": summary,
                "machine": machine(), "jobs": args.jobs, "wall_seconds": round(wall, 1),
+               "report_only": bool(args.report_only),
                "train_seconds_total": round(sum(r["seconds"] for r in results), 1)}
     os.makedirs(out, exist_ok=True)
     from host.atomic_io import save_text

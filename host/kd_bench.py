@@ -248,7 +248,7 @@ def markdown_tables(summary: Mapping[str, Any], titles: Mapping[str, str] = METR
     metrics = summary["metrics"]
     head = " | ".join(titles[k] for k in metrics)
     rule = "|---|" + "---|" * len(metrics)
-    lines = ["| method | n | " + head + " |", "|---|" + rule]
+    lines = ["| method | n | " + head + " |", "|---" + rule]
     lines.append("| teacher | 1 | " + " | ".join(_fmt(summary["teacher"][k]) for k in metrics)
                  + " |")
     for row in summary["rows"]:

@@ -290,7 +290,7 @@ def test_markdown_and_plot(tmp_path):
                         metrics=("a", "b"))
     text = kd_bench.markdown_tables(summary, titles=titles)
     lines = text.splitlines()
-    assert lines[0] == "| method | n | A | B |"
+    assert lines[0] == "| method | n | A | B |" and lines[1] == "|---|---|---|---|"
     assert "| teacher | 1 | 61.00 | 95.00 |" in lines
     assert any(line.startswith("| M1 | 3 | 55.00 +- 2.00 |") for line in lines)
     assert "| (gap, points) | 10.00 | 5.00 |" in lines

@@ -21,9 +21,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from plugins.adadistill import AdaDistillHead  # noqa: E402
+from plugins.heads import AdaDistillHead  # noqa: E402
 from plugins.distributed import shard_range  # noqa: E402
-from plugins.margin_head import MarginSoftmaxHead  # noqa: E402
+from plugins.heads import MarginSoftmaxHead  # noqa: E402
 
 
 def build_student(dim: int) -> tuple[nn.Module, str]:
@@ -40,7 +40,7 @@ def build_student(dim: int) -> tuple[nn.Module, str]:
 def timed_step(student, head, optimizer, images, teacher, labels, distill: bool) -> float:
     start = time.perf_counter()
     features = student(images)
-    loss = head(features, teacher, labels) if distill else head(features, labels)
+    loss = head(features, labels, teacher) if distill else head(features, labels)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -50,7 +50,7 @@ def timed_step(student, head, optimizer, images, teacher, labels, distill: bool)
 def head_only_step(head, features, teacher, labels, distill: bool) -> float:
     x = features.clone().requires_grad_(True)
     start = time.perf_counter()
-    loss = head(x, teacher, labels) if distill else head(x, labels)
+    loss = head(x, labels, teacher) if distill else head(x, labels)
     loss.backward()
     return time.perf_counter() - start
 

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from plugins.distributed import shard_range  # noqa: E402
-from plugins.gkd import GKDHead  # noqa: E402
+from plugins.heads import GKDHead  # noqa: E402
 from tests.distributed_harness import run_distributed  # noqa: E402
 
 MB = 2 ** 20
@@ -60,7 +60,7 @@ def _step(rank: int, world: int, classes: int, batch: int, dim: int, k: int) -> 
     _reset_peak()
     before = _rss_bytes("VmRSS")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = head(f_s, f_t, labels, epoch=10)
+        loss = head(f_s, labels, f_t, epoch=10)
     loss.backward()
     peak = _rss_bytes("VmHWM")
     return dict(saved=sum(saved.values()), peak_rise=max(peak - before, 0),

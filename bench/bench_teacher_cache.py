@@ -37,9 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from host.dataset import FaceRecordDataset  # noqa: E402
 from host.synthetic import write_train_set  # noqa: E402
 from host.teacher_cache_build import build_teacher_cache  # noqa: E402
-from plugins.adadistill import AdaDistillHead  # noqa: E402
+from plugins.heads import AdaDistillHead  # noqa: E402
 from plugins.backbones import resolve_model  # noqa: E402
-from plugins.margin_head import MarginSoftmaxHead  # noqa: E402
+from plugins.heads import MarginSoftmaxHead  # noqa: E402
 from plugins.teacher import TeacherHook  # noqa: E402
 from plugins.teacher_cache import TeacherEmbeddingCache, cache_identity  # noqa: E402
 
@@ -120,7 +120,7 @@ def main() -> None:
 
     def distill_step(student, head, opt, source) -> None:
         f_t = source.teacher_embeddings(images, index, flipped)
-        loss = head(student(images), f_t, labels)
+        loss = head(student(images), labels, f_t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)

@@ -285,7 +285,7 @@ class CheckpointManager:
         """Load head, optimizer and RNG state for this rank, re-splitting class shards when the
         checkpoint was written by another world size."""
         rank, world = rank_and_world()
-        keys = tuple(getattr(head, "sharded_keys", ()))
+        keys = tuple(head.sharded_keys)
         if common["saved_world_size"] == world:
             own = shards[0]
             head.load_state_dict(own["head"])

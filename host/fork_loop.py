@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from host.factory import build_teacher_source, check_config, head_loss
+from host.factory import build_teacher_source, check_config
 from plugins.config_defaults import apply_distill_defaults, check_types
 from plugins.ddp_gradient import undo_ddp_average
 
@@ -127,6 +127,32 @@ def fork_head_loss(head: nn.Module, cfg, backbone: nn.Module, teacher: Optional[
     teacher_embeddings = None
     if teacher is not None:
         teacher_embeddings = teacher.teacher_embeddings(images, None, None).float()
-    return head_loss(head, method, undo_ddp_average(embeddings, backbone), teacher_embeddings,
-                     labels, epoch)
+    loss = head(undo_ddp_average(embeddings, backbone), labels, teacher=teacher_embeddings,
+                epoch=epoch)
+    if loss.requires_grad and replicated_parameters(head):
+        if int(cfg.get("gradient_acc", 1)) != 1:
+            raise ValueError(f"distill='{method}': the head holds parameters replicated on every "
+                             f"rank ({', '.join(replicated_parameters(head))}), whose gradients "
+                             f"are summed over ranks after each backward; the patched "
+                             f"train_v2.py does that only with gradient_acc = 1 (got "
+                             f"{cfg.gradient_acc}); train with train_distill.py instead")
+        loss.register_hook(_reduce_after_backward(head))
+    return loss
+
+
+def replicated_parameters(head: nn.Module) -> Tuple[str, ...]:
+    """Names of the head's trainable parameters that are not class-sharded (a copy on every
+    rank, e.g. a FitNet regressor): their gradients need ``head.reduce_replicated_grads()``."""
+    sharded = set(head.sharded_keys)
+    return tuple(name for name, p in head.named_parameters()
+                 if p.requires_grad and name not in sharded)
+
+
+def _reduce_after_backward(head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A hook on the loss that, once the backward it starts has finished, sums the head's
+    replicated gradients over ranks: the fork's loop then clips and steps exact gradients."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        torch.autograd.Variable._execution_engine.queue_callback(head.reduce_replicated_grads)
+        return grad
+    return hook
 

@@ -4,6 +4,8 @@ AdaDistill's EMA class centers -- before the loss could be checked.  ``BufferSna
 every buffer before the step's first forward and puts the copies back when the step is skipped.
 
 Parameters and optimizer state need no copy: a skipped step never reaches ``optimizer.step``.
+Buffers a head declares in ``frozen_keys`` (never changed by training, e.g. GKD's teacher
+classifier) are not copied either.
 """
 from __future__ import annotations
 
@@ -30,8 +32,10 @@ class BufferSnapshot:
 
     def _buffers(self):
         for index, module in enumerate(self.modules):
+            frozen = set(getattr(module, "frozen_keys", ()))
             for name, buf in module.named_buffers():
-                yield (index, name), buf
+                if name not in frozen:
+                    yield (index, name), buf
 
     @torch.no_grad()
     def take(self) -> None:

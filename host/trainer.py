@@ -3,7 +3,7 @@
     loader -> (img, label, index, flipped)
     student(img) -> f_s [B, D]                      DDP; conv trunk under autocast with fp16
     teacher source(img, index, flipped) -> f_t      frozen teacher or its embedding cache
-    head(f_s, f_t, label[, epoch]) -> loss          same value on every rank
+    head(f_s, label, teacher=f_t, epoch=e) -> loss  same value on every rank (plugins.heads)
     backward, unscale, clip, step, lr, log, verify, checkpoint
 """
 from __future__ import annotations
@@ -20,8 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from host.atomic_io import atomic_torch_save
 from host.checkpoint import CheckpointManager
-from host.factory import (build_head, build_teacher_source, check_config, head_loss,
-                          teacher_class_means)
+from host.factory import build_head, build_teacher_source, check_config, teacher_class_means
 from host.lr_schedule import run_schedule
 from host.run_guard import run_guard
 from host.run_identity import check_resume, run_identity
@@ -29,6 +28,7 @@ from host.step_guard import BufferSnapshot
 from host.precision import precision_plan, scaler_step
 from host.runtime import (CONFIG_LOGGER, configure_cpu_threads, exact_gradient_hook, init_distributed,
                           seed_everything, setup_logging)
+from plugins.heads import DistillHead
 from plugins.sharded_state import gather_full_table
 
 LOG = logging.getLogger("train_distill")
@@ -36,6 +36,12 @@ LOG = logging.getLogger("train_distill")
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``max_nonfinite`` non-finite losses in a row."""
+
+
+def head_loss(head: DistillHead, student: torch.Tensor, labels: torch.Tensor,
+              teacher: Optional[torch.Tensor], epoch: float) -> torch.Tensor:
+    """The loss of one micro-batch: every registered head takes the same call."""
+    return head(student, labels, teacher=teacher, epoch=epoch)
 
 
 def _optimizer(cfg, student: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
@@ -208,7 +214,7 @@ def _train(cfg, stop) -> dict:
             if teacher is not None:
                 teacher_emb = teacher.teacher_embeddings(images, index.to(device),
                                                          flipped.to(device)).float()
-            loss = head_loss(head, cfg.distill, embeddings, teacher_emb, labels, epoch)
+            loss = head_loss(head, embeddings, labels, teacher_emb, epoch)
             micro += 1
             sync = micro % acc == 0
             if torch.isfinite(loss).item():
@@ -239,12 +245,13 @@ def _train(cfg, stop) -> dict:
                 bad_step = False
                 continue
             nonfinite_in_row = 0
+            head.reduce_replicated_grads()
             # unscale, found-inf agreed by all ranks, clip, step (or skip everywhere), update
             scaler_step(scaler, optimizer, student.parameters(), cfg.grad_clip)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(last_loss)
-            meter.add(last_loss, getattr(head, "stats", {}))
+            meter.add(last_loss, head.stats)
             if rank == 0 and (step % cfg.frequent == 0 or step == total_steps):
                 text, speed, means = meter.line(step, epoch, schedule.lr_at(step - 1),
                                                 scaler.get_scale() if scaler.is_enabled() else None)
@@ -284,12 +291,10 @@ def _train(cfg, stop) -> dict:
     return summary
 
 
-def _learned_classifier(head: nn.Module, num_classes: int) -> Optional[torch.Tensor]:
+def _learned_classifier(head: DistillHead, num_classes: int) -> Optional[torch.Tensor]:
     """The full learned [C, D] classifier of a head that trains one (standalone margin head, GKD
     student classifier), gathered from all ranks; None for centers-only heads."""
-    inner = getattr(head, "margin_head", head)
-    weight = getattr(inner, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    shard = head.learned_classifier()
+    if shard is None:
         return None
-    return gather_full_table(weight.detach().float(), num_classes)
-
+    return gather_full_table(shard.float(), num_classes)

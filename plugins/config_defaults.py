@@ -2,20 +2,23 @@
 
 They belong to the plugin, not to ``configs/base.py``: a fork's own base config lacks them, and
 ``apply_distill_defaults`` fills them in, so the same job configs load with the fork's
-``utils/utils_config.get_config`` and with ours.  ``validate_config`` rejects unknown keys (with
-the closest valid name) and values of the wrong type.
+``utils/utils_config.get_config`` and with ours.  ``check_types`` rejects values of the wrong
+type and removed keys; ``unknown_key_message`` names the closest valid key.  Each registered head
+adds its own keys (``register_head(..., keys=...)`` in ``plugins/heads/``): they are merged in
+here, so a method's keys are typed once, beside its head.
 """
 from __future__ import annotations
 
 import difflib
 from typing import Any, Dict, Iterable, Mapping, MutableMapping, Tuple
 
+from .heads import head_names
+from .heads.registry import HeadSpec, on_register
+
 # key -> (default, one-line description)
 DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
-    "distill": ("adadistill", "method: adadistill | arcdistill | cosdistill | gkd | feature_mse | none"),
-    "alpha": ("weighted", "AdaDistill EMA rate: weighted (the paper's alpha', default) | plain"),
+    "distill": ("adadistill", "method: " + " | ".join(head_names())),
     "margin_scale": (64.0, "scale s of the margin softmax (ArcFace / CosFace)"),
-    "feature_kd_weight": (1.0, "feature_mse: weight lambda of the embedding MSE added to the margin loss"),
     "teacher_network": ("r50", "teacher backbone name (fork's backbones first, then the bundled "
                                "ones); 'onnx' for an insightface .onnx recognition model"),
     "teacher_checkpoint": (None, "teacher backbone weights: arcface_torch backbone.pth / model.pt, "
@@ -33,23 +36,11 @@ DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
     "teacher_cache_force": (False, "serve a cache whose metadata (teacher, dataset, size) does "
                                    "not match the run, with a warning -- only if you know why"),
     "flip": (True, "random horizontal flip, the only augmentation (the cache relies on it)"),
-    "gkd_temperature": (4.0, "GKD temperature T"),
-    "gkd_alpha": (1.0, "GKD weight of Binary-KD"),
-    "gkd_beta": (8.0, "GKD weight of Primary-KD (8 with fixed k, 4 with adaptive tau)"),
-    "gkd_lamda": (0.0, "GKD weight of Secondary-KD (0: dropped, as in the paper)"),
-    "gkd_k": (10000, "GKD primary group size k (fixed-k version)"),
-    "gkd_tau": (None, "GKD adaptive primary group threshold (0.93 in the paper); None uses gkd_k"),
-    "gkd_rank_by": ("student", "GKD ranks classes by the student's (paper) or teacher's logits"),
-    "gkd_warmup_epochs": (10, "GKD linear KD warm-up: weight min(epoch / this, 1)"),
     "nesterov": (False, "SGD with Nesterov momentum (the GKD recipe)"),
     "lr_reference_batch": (None, "global batch at which 'lr' holds; a run of global batch G "
                                  "uses lr * G / this (None: lr as written, no scaling)"),
     "warmup_lr": (0.0, "cosine schedule: lr of the first warm-up step (timm warmup_lr_init)"),
     "lr_min": (0.0, "cosine schedule: floor of the cosine (timm lr_min)"),
-    "margin_grad": ("straight_through", "distill none / feature_mse, ArcFace: straight_through "
-                                        "(arcface_torch) | exact (AdaDistill's own ArcFace)"),
-    "gkd_tau_batch": (None, "GKD adaptive k: samples (consecutive in the global batch) whose "
-                            "summed softmax sets one k; None: each GPU's own batch"),
     "lr_schedule": ("polynomial", "polynomial (arcface_torch, with warmup) | step | cosine"),
     "lr_steps": ((7, 13, 19, 24), "0-based epochs from which the step schedule multiplies lr by 0.1"),
     "grad_clip": (5.0, "max gradient norm of the student; 0 disables clipping"),
@@ -76,7 +67,7 @@ REMOVED_KEYS: Dict[str, str] = {
 # Keys that arcface_torch's job configs add to its base config.
 ARCFACE_JOB_KEYS = ("rec", "num_classes", "num_image", "num_epoch", "warmup_epoch", "val_targets")
 
-METHODS = ("adadistill", "arcdistill", "cosdistill", "gkd", "feature_mse", "none")
+METHODS = tuple(head_names())
 
 # key -> accepted types, for the fields whose type errors would otherwise surface late.
 _INT = (int,)
@@ -93,14 +84,12 @@ KEY_TYPES: Dict[str, tuple] = {
     "network": _STR, "optimizer": _STR, "rec": _STR, "output": _OPT_STR, "margin_list": _SEQ,
     "val_targets": _SEQ,
     "lr_reference_batch": (int, type(None)), "warmup_lr": _NUM, "lr_min": _NUM,
-    "margin_grad": _STR, "gkd_tau_batch": (int, type(None)),
-    "distill": _STR, "alpha": _STR, "margin_scale": _NUM, "feature_kd_weight": _NUM, "teacher_network": _STR,
+    "distill": _STR, "margin_scale": _NUM, "teacher_network": _STR,
     "teacher_checkpoint": _OPT_STR, "teacher_embedding_size": _INT,
     "teacher_classifier": _OPT_STR, "teacher_fp16": _BOOL, "teacher_cache": _OPT_STR,
     "amp_dtype": _STR, "channels_last": (bool, type(None)),
-    "teacher_cache_force": _BOOL, "flip": _BOOL, "gkd_temperature": _NUM, "gkd_alpha": _NUM,
-    "gkd_beta": _NUM, "gkd_lamda": _NUM, "gkd_k": _INT, "gkd_tau": (int, float, type(None)),
-    "gkd_rank_by": _STR, "gkd_warmup_epochs": _NUM, "lr_schedule": _STR, "lr_steps": _SEQ,
+    "teacher_cache_force": _BOOL, "flip": _BOOL,
+    "lr_schedule": _STR, "lr_steps": _SEQ,
     "grad_clip": _NUM, "nesterov": _BOOL, "save_every": _INT, "keep_checkpoints": _INT,
     "max_nonfinite": _INT, "max_steps": (int, type(None)), "skip_bad_records": _BOOL,
     "start_over": _BOOL,
@@ -116,13 +105,27 @@ KEY_MINIMUM: Dict[str, int] = {
 
 CHOICES: Dict[str, Tuple[str, ...]] = {
     "distill": METHODS,
-    "alpha": ("weighted", "plain"),
-    "margin_grad": ("straight_through", "exact"),
-    "gkd_rank_by": ("student", "teacher"),
     "lr_schedule": ("polynomial", "step", "cosine"),
     "optimizer": ("sgd", "adamw"),
     "amp_dtype": ("auto", "float16", "bfloat16"),
 }
+
+
+def _add_head(spec: HeadSpec) -> None:
+    """A head was registered: add its name to the ``distill`` choices and its keys (default,
+    description, types, choices) to the tables (in place, so importers see them)."""
+    global METHODS
+    METHODS = tuple(head_names())
+    CHOICES["distill"] = METHODS
+    DISTILL_DEFAULTS["distill"] = ("adadistill", "method: " + " | ".join(METHODS))
+    for key, value in spec.keys.items():
+        DISTILL_DEFAULTS[key] = (value[0], value[1])
+        KEY_TYPES[key] = value[2]
+        if len(value) == 4:
+            CHOICES[key] = value[3]
+
+
+on_register(_add_head)
 
 
 def apply_distill_defaults(cfg: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

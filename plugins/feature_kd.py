@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugins.distributed import all_reduce, all_reduce_sum_with_grad
-from plugins.margin import check_batch
+from .distributed import all_reduce, all_reduce_sum_with_grad
+from .margin import check_batch
 
 
 class FeatureMSEHead(nn.Module):
@@ -20,16 +20,13 @@ class FeatureMSEHead(nn.Module):
     rank's gradient is exact.  Computed in fp32 with autocast disabled.
 
     ``forward(student [B, D], teacher [B, D], labels [B])``: ``labels`` are only checked for shape
-    (the same call signature as the other distillation heads).  The head has no classes:
-    ``num_classes = num_local = class_start = 0`` and nothing is sharded.  ``stats``:
-    ``mean_cos_st``.
+    (the call signature of the KD terms, ``plugins.kd_terms``).  A term, not a head: the
+    registered ``feature_mse`` head (``plugins.heads.feature_mse``) adds it to a margin softmax.
+    ``stats``: ``mean_cos_st``.
     """
-
-    sharded_keys: tuple = ()
 
     def __init__(self) -> None:
         super().__init__()
-        self.num_classes = self.class_start = self.num_local = 0
         self.stats: dict[str, torch.Tensor] = {}
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor

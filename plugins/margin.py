@@ -26,7 +26,7 @@ No ``theta + m > pi`` fallback is applied (neither upstream code applies one).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -118,16 +118,24 @@ def cosine_logits(embeddings: torch.Tensor, centers: torch.Tensor) -> torch.Tens
     return torch.matmul(e_hat, c_hat.t()).float()
 
 
-def check_batch(embedding_size: int, labels: torch.Tensor, *embeddings: torch.Tensor) -> None:
-    """Raise ValueError unless every tensor of ``embeddings`` is ``[B, embedding_size]`` and
-    ``labels`` is an integer ``[B]`` tensor."""
+def check_batch(embedding_size: int, labels: torch.Tensor, *embeddings: torch.Tensor,
+                teacher_size: Optional[int] = None) -> None:
+    """Raise ValueError unless ``labels`` is an integer ``[B]`` tensor and every tensor of
+    ``embeddings`` is ``[B, width]``: ``embedding_size`` for the first (the student), and
+    ``teacher_size`` (default ``embedding_size``) for the second (the teacher)."""
     if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor [B], got dtype {labels.dtype} "
                          f"shape {list(labels.shape)}")
-    for i, x in enumerate(embeddings):
-        if x.dim() != 2 or x.shape != (labels.shape[0], embedding_size):
-            raise ValueError(f"embeddings #{i} must be [B, D] = [{labels.shape[0]}, "
-                             f"{embedding_size}] (B from labels), got {list(x.shape)}")
+    b = labels.shape[0]
+    widths = [embedding_size] + [embedding_size if teacher_size is None else teacher_size] * (
+        len(embeddings) - 1)
+    for i, (x, width) in enumerate(zip(embeddings, widths)):
+        if x.dim() != 2 or x.shape != (b, width):
+            expected = ", ".join(f"[B, {w}]" for w in widths)
+            found = ", ".join(str(list(t.shape)) for t in embeddings)
+            raise ValueError(f"embeddings #{i} must be [B, D] = [{b}, {width}] (B from labels), "
+                             f"got {list(x.shape)}: expected embeddings, labels of shapes "
+                             f"{expected}, [B]; found {found}, {list(labels.shape)}")
 
 
 def check_labels_range(labels: torch.Tensor, num_classes: int) -> None:
@@ -138,7 +146,8 @@ def check_labels_range(labels: torch.Tensor, num_classes: int) -> None:
     low, high = torch.stack([labels.min(), labels.max()]).tolist()
     if low < 0 or high >= num_classes:
         raise ValueError(f"labels must be in [0, {num_classes}), found min {low} max {high}; "
-                         f"check num_classes in the config against the dataset")
+                         f"check num_classes in the config against the dataset (all labels "
+                         f"must lie in [0, {num_classes}))")
 
 
 class MarginCE(NamedTuple):
@@ -171,19 +180,43 @@ def distributed_margin_cross_entropy(cos: torch.Tensor, target_col: torch.Tensor
     device_type = cos.device.type
     with torch.autocast(device_type=device_type, enabled=False):
         cos = cos.float()
-        n = cos.shape[0]
         rows = torch.nonzero(target_col >= 0).squeeze(1)
         cols = target_col[rows]
         cos_target = cos[rows, cols]
         target_logit = s * apply_margin(margin, cos_target, m, straight_through)
         logits = (s * cos).index_put((rows, cols), target_logit)
+        local_cos = cos.new_zeros(cos.shape[0]).index_put((rows,), cos_target.detach())
+        loss, cos_sum = sharded_cross_entropy(logits, target_col, extra=local_cos)
+        return MarginCE(loss, cos_sum.detach().mean())
 
-        row_max = (logits.detach().max(dim=1).values if cos.shape[1] > 0
-                   else cos.new_full((n,), float("-inf")))
+
+def sharded_cross_entropy(logits: torch.Tensor, target_col: torch.Tensor,
+                          extra: Optional[torch.Tensor] = None
+                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Mean softmax cross entropy of the global batch whose classes are sharded over ranks.
+
+    ``L = 1/N sum_i [ row_max_i + log sum_j exp(z_ij - row_max_i) - z_{i,y_i} ]``: the row max is
+    all-reduced (max, no gradient: it cancels out of ``L``), the exp-sums and target logits with
+    ``all_reduce_sum_with_grad`` in one call, so the loss is the same on every rank and every
+    rank's gradient is exact.  Runs in the dtype of ``logits`` (fp32 or fp64), autocast off.
+
+    Args:
+        logits: ``[N, K]`` logits of the global batch against this rank's (kept) classes.
+        target_col: ``[N]`` long, the target's column or ``-1`` where another rank owns it.
+        extra: optional ``[N]`` per-sample values summed over ranks in the same all-reduce.
+
+    Returns:
+        ``(loss, extra summed over ranks [N] or None)``.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        n = logits.shape[0]
+        rows = torch.nonzero(target_col >= 0).squeeze(1)
+        local_target = logits.new_zeros(n).index_put((rows,), logits[rows, target_col[rows]])
+        row_max = (logits.detach().max(dim=1).values if logits.shape[1] > 0
+                   else logits.new_full((n,), float("-inf")))
         all_reduce(row_max, "max")
         sum_exp = torch.exp(logits - row_max[:, None]).sum(dim=1)
-        local_target = cos.new_zeros(n).index_put((rows,), target_logit)
-        local_cos = cos.new_zeros(n).index_put((rows,), cos_target.detach())
-        parts = all_reduce_sum_with_grad(torch.stack([sum_exp, local_target, local_cos], dim=1))
-        per_sample = torch.log(parts[:, 0]) + row_max - parts[:, 1]
-        return MarginCE(per_sample.mean(), parts[:, 2].detach().mean())
+        columns = [sum_exp, local_target] + ([extra] if extra is not None else [])
+        parts = all_reduce_sum_with_grad(torch.stack(columns, dim=1))
+        loss = (torch.log(parts[:, 0]) + row_max - parts[:, 1]).mean()
+        return loss, (parts[:, 2] if extra is not None else None)

@@ -19,11 +19,6 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-# Methods whose loss compares student and teacher embeddings (or teacher-made class centers)
-# directly, so both must have the same size.  GKD compares logits; "none" has no teacher.
-SAME_SIZE_METHODS = ("adadistill", "arcdistill", "cosdistill", "feature_mse")
-ANY_SIZE_METHODS = ("gkd", "none")
-
 _HASH_BLOCK = 1 << 22  # 4 MiB per read while hashing a checkpoint
 
 
@@ -47,29 +42,6 @@ def state_dict_digest(model: nn.Module) -> str:
         sha.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return "state-sha256:" + sha.hexdigest()
-
-
-def check_embedding_sizes(method: str, student_dim: int, teacher_dim: int) -> None:
-    """Refuse, at start-up, a student/teacher embedding size pair the method cannot train.
-
-    AdaDistill, ArcDistill/CosDistill and feature MSE put student embeddings against teacher
-    embeddings (or class centers made of them), so ``student_dim`` must equal ``teacher_dim``;
-    GKD compares logits and allows any pair.
-
-    Raises:
-        ValueError: sizes differ for a same-size method, or the method is unknown.
-    """
-    if method in ANY_SIZE_METHODS:
-        return
-    if method not in SAME_SIZE_METHODS:
-        raise ValueError(f"config key 'distill': unknown method {method!r}; expected one of "
-                         f"{list(SAME_SIZE_METHODS + ANY_SIZE_METHODS)}")
-    if student_dim != teacher_dim:
-        raise ValueError(
-            f"distill={method!r} needs the student and teacher embeddings to have the same size, "
-            f"got embedding_size={student_dim} (student) and teacher_embedding_size={teacher_dim} "
-            f"(teacher): set both config keys to the same value, or use distill='gkd', which "
-            f"allows different sizes")
 
 
 class TeacherHook(nn.Module):

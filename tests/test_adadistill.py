@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from plugins.adadistill import AdaDistillHead, occurrence_index
+from plugins.adadistill import occurrence_index
+from plugins.heads import AdaDistillHead
 from plugins.distributed import shard_range
 from tests.distributed_harness import run_distributed
 
@@ -68,7 +69,7 @@ def run_head(head, batches):
     out = []
     for student, teacher, labels in batches:
         x = student.clone().requires_grad_(True)
-        loss = head(x, teacher, labels)
+        loss = head(x, labels, teacher)
         loss.backward()
         out.append({"loss": loss.item(), "grad": x.grad, "centers": head.centers.clone(),
                     "stats": {k: v.item() for k, v in head.stats.items()}})
@@ -122,7 +123,7 @@ def test_last_writer_only_would_differ():
     head = AdaDistillHead(D, 3, alpha="plain", s=16.0)
     init = head.centers.clone()
     student, teacher, labels = make_batch(3, 4, 3, [1, 1, 1, 1])
-    head(student, teacher, labels)
+    head(student, labels, teacher)
     _, table_last, _, _, _ = reference_step(init, student[3:], teacher[3:], labels[3:], "plain",
                                             "arcface", 16.0, 0.45)
     assert (head.centers[1].double() - table_last[1]).abs().max() > 1e-3
@@ -132,7 +133,7 @@ def test_fixed_mode_keeps_the_teacher_classifier():
     torch.manual_seed(3)
     head = AdaDistillHead(D, 10, margin="cosface", s=64.0, m=0.35, alpha="fixed")
     with pytest.raises(RuntimeError, match="load_full_centers"):
-        head(*make_batch(0, 4, 10))
+        head(*(lambda s, t, y: (s, y, t))(*make_batch(0, 4, 10)))
     classifier = torch.randn(10, D)
     head.load_full_centers(classifier)
     batches = [make_batch(seed, 6, 10, [1, 4, 4, 0, 9, 1]) for seed in range(2)]
@@ -146,7 +147,7 @@ def test_fixed_mode_keeps_the_teacher_classifier():
     # a state_dict load also counts as loading the classifier
     fresh = AdaDistillHead(D, 10, margin="cosface", alpha="fixed")
     fresh.load_state_dict(head.state_dict())
-    fresh(*batches[0])
+    fresh(batches[0][0], batches[0][2], batches[0][1])
     torch.testing.assert_close(fresh.centers, classifier, atol=0, rtol=0)
 
 
@@ -179,14 +180,14 @@ def test_input_and_argument_errors():
     head = AdaDistillHead(D, 10)
     student, teacher, labels = make_batch(0, 4, 10)
     with pytest.raises(ValueError, match=r"embeddings #1 must be \[B, D\]"):
-        head(student, teacher[:, :4], labels)
+        head(student, labels, teacher[:, :4])
     with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
-        head(student, teacher, torch.tensor([0, 1, 2, 10]))
+        head(student, torch.tensor([0, 1, 2, 10]), teacher)
     with pytest.raises(ValueError, match=r"expects a \[C, D\] = \[10, 6\] table, got \[6, 10\]"):
         head.load_full_centers(torch.zeros(D, 10))
     head.half()
     with pytest.raises(RuntimeError, match="centers must stay fp32"):
-        head(student, teacher, labels)
+        head(student, labels, teacher)
 
 
 # ---------------------------------------------------------------- world-size invariance
@@ -226,7 +227,7 @@ def _invariance_worker(rank, world, cases):
         for student, teacher, labels in case["batches"]:
             rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
             x = student[rows].clone().requires_grad_(True)
-            loss = head(x, teacher[rows], labels[rows])
+            loss = head(x, labels[rows], teacher[rows])
             loss.backward()
             steps.append({"loss": loss.item(), "grad": x.grad, "centers": head.centers.clone(),
                           "stats": {k: v.item() for k, v in head.stats.items()},
@@ -316,9 +317,9 @@ def test_non_finite_sample_does_not_poison_its_center():
     bad[1] = float("inf")                       # fp16 overflow in one student embedding
     bad_teacher = teacher.clone()
     bad_teacher[2] = float("nan")               # and one broken teacher embedding
-    loss = head(bad, bad_teacher, labels)
+    loss = head(bad, labels, bad_teacher)
     assert not torch.isfinite(loss)             # the trainer skips this step
     assert torch.isfinite(head.centers).all()
     torch.testing.assert_close(head.centers[1:3], before[1:3])   # bad samples updated nothing
     assert not torch.equal(head.centers[0], before[0])           # good ones did
-    assert torch.isfinite(head(student, teacher, labels))        # the run goes on
+    assert torch.isfinite(head(student, labels, teacher))        # the run goes on

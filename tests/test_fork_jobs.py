@@ -126,7 +126,8 @@ def test_shipped_job_starts_in_the_patched_loop(shipped_runs, job):
     assert [s[0] for s in steps] == ["1", "2"], run   # 16 images, global batch 8
     assert all(float(s[1]) == float(s[1]) and float(s[1]) > 0 for s in steps), steps
     method = values.get("distill", "adadistill")
-    heads = {"none": "PartialFC_V2", "gkd": "GKDHead", "feature_mse": "MarginWithFeatureKD"}
+    heads = {"none": "PartialFC_V2", "gkd": "GKDHead", "feature_mse": "FeatureMSE",
+             "arcdistill": "ArcDistillHead", "cosdistill": "CosDistillHead"}
     assert {s[2] for s in steps} == {heads.get(method, "AdaDistillHead")}
     # each key the fork's loop does not honour, set by the job to another value, is named once
     warned = re.findall(r"config key '(\w+)' = (.*?) is not honoured by the patched train_v2.py",

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from plugins.class_means import ClassMeanAccumulator
-from plugins.gkd import GKDHead, _kth_largest_key, _Local, _order_keys, grouped_kd_loss
+from plugins.gkd import _kth_largest_key, _Local, _order_keys, grouped_kd_loss
+from plugins.heads import GKDHead
 from tests.distributed_harness import run_distributed
 
 TOL = dict(rtol=1e-9, atol=1e-9)  # float64 throughout unless a test says otherwise
@@ -260,8 +261,8 @@ def _run_head(rank, world, data, opts, epoch):
         head.weight.copy_(data["w_s"][head.class_start:head.class_start + head.num_local])
     rows = N // world
     local = data["f_s"][rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
-    loss = head(local, data["f_t"][rank * rows:(rank + 1) * rows],
-                data["labels"][rank * rows:(rank + 1) * rows], epoch)
+    loss = head(local, data["labels"][rank * rows:(rank + 1) * rows],
+                data["f_t"][rank * rows:(rank + 1) * rows], epoch)
     loss.backward()
     return dict(loss=loss.detach(), grad_f=local.grad, grad_w=head.weight.grad,
                 start=head.class_start, num_local=head.num_local,
@@ -329,7 +330,7 @@ def test_head_sample_rate_distills_over_kept_classes():
     head = GKDHead(DS, C, data["w_t"], k=4, lamda=0.5, sample_rate=0.5).double()
     with torch.no_grad():
         head.weight.copy_(data["w_s"])
-    loss = head(data["f_s"], data["f_t"], data["labels"], 20)
+    loss = head(data["f_s"], data["labels"], data["f_t"], 20)
     kept = head.sampled_index
     assert kept.numel() == 11 and set(data["labels"].tolist()) <= set(kept.tolist())
     column = {c: i for i, c in enumerate(kept.tolist())}
@@ -358,11 +359,11 @@ def test_head_rejects_mismatched_teacher_and_inputs():
     assert head.state_dict()["teacher_weight"].shape == (C, DT)
     f_s, f_t, labels = torch.randn(4, DS), torch.randn(4, DT), torch.tensor([0, 1, 2, 3])
     with pytest.raises(ValueError, match=r"\[B, 8\], \[B, 6\], \[B\]; found"):
-        head(f_s, torch.randn(4, DS), labels, 0)
+        head(f_s, labels, torch.randn(4, DS), 0)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 23\)"):
-        head(f_s, f_t, torch.tensor([0, 1, 2, 23]), 0)
+        head(f_s, torch.tensor([0, 1, 2, 23]), f_t, 0)
     with pytest.raises(ValueError, match="epoch"):
-        head(f_s, f_t, labels, -1)
+        head(f_s, labels, f_t, -1)
 
 
 # ---------------------------------------------------------------- ClassMeanAccumulator

@@ -531,11 +531,11 @@ def patched_fork(tmp_path_factory):
 
 def first_step_loss(fork: str, job: str) -> float:
     """The first loss the patched script must log, recomputed here from the same seed, data,
-    networks and head: ``head_loss(head, "adadistill", tiny_s(img), tiny_t(img), labels, 0)``."""
+    networks and head: ``head(tiny_s(img), labels, teacher=tiny_t(img))``."""
     import torch
     from host.config import get_config
     from host.dataset import FaceRecordDataset
-    from host.factory import build_head, build_teacher_source, head_loss
+    from host.factory import build_head, build_teacher_source
     from plugins.backbones import get_model
     cfg = get_config(f"configs/{job}", root=fork)
     torch.manual_seed(cfg.seed)  # the stand-in's setup_seed, then the same construction order
@@ -546,8 +546,8 @@ def first_step_loss(fork: str, job: str) -> float:
     img = torch.stack([records[i][0] for i in range(cfg.batch_size)])
     labels = torch.stack([records[i][1] for i in range(cfg.batch_size)])
     with torch.no_grad():
-        return float(head_loss(head, "adadistill", student(img),
-                               teacher.teacher_embeddings(img, None, None), labels, 0))
+        return float(head(student(img), labels,
+                          teacher=teacher.teacher_embeddings(img, None, None), epoch=0))
 
 
 def test_patched_train_v2_distills_on_cpu(patched_fork):

@@ -140,7 +140,7 @@ def _fp16_steps(rank, world, share):
     OVERFLOW_STEP.  Returns per step: stepped, scale after, and whether the weights moved."""
     import host.precision as precision
     from torch.nn.parallel import DistributedDataParallel
-    from plugins.margin_head import MarginSoftmaxHead
+    from plugins.heads import MarginSoftmaxHead
 
     plan = precision.precision_plan("cpu", CPU_GPU_RECIPE)
     torch.manual_seed(0)

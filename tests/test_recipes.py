@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from host.config import get_config
 from host.factory import build_head, check_config
-from plugins.gkd import GKDHead, grouped_kd_loss
-from plugins.margin_head import MarginSoftmaxHead
+from plugins.gkd import grouped_kd_loss
+from plugins.heads import GKDHead, MarginSoftmaxHead
 from tests.distributed_harness import run_distributed
 from tests.test_lr_schedule import (ADADISTILL_FAMILY, GKD_FAMILY, official_adadistill_lr,
                                     official_gkd_lrs)
@@ -266,8 +266,8 @@ def _adaptive_head_worker(rank, world, data, tau_batch):
         head.weight.copy_(data["w_s"][head.class_start:head.class_start + head.num_local])
     rows = N_ADAPT // world
     local = data["f_s"][rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
-    loss = head(local, data["f_t"][rank * rows:(rank + 1) * rows],
-                data["labels"][rank * rows:(rank + 1) * rows], 12)
+    loss = head(local, data["labels"][rank * rows:(rank + 1) * rows],
+                data["f_t"][rank * rows:(rank + 1) * rows], 12)
     loss.backward()
     return dict(loss=loss.detach(), grad_f=local.grad, k=head.stats["k"].item())
 

@@ -70,7 +70,7 @@ def test_inf_batch_is_skipped_and_every_saved_tensor_is_finite(workdir, monkeypa
 
 def test_step_guard_restores_batchnorm_and_centers_bitwise():
     from host.step_guard import BufferSnapshot
-    from plugins.adadistill import AdaDistillHead
+    from plugins.heads import AdaDistillHead
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
                               torch.nn.Flatten(), torch.nn.LazyLinear(8),
@@ -82,7 +82,7 @@ def test_step_guard_restores_batchnorm_and_centers_bitwise():
     guard = BufferSnapshot(net, head)
     guard.take()
     emb = net(torch.full((4, 3, 6, 6), float("inf")))
-    loss = head(emb, torch.full((4, 8), float("nan")), torch.tensor([0, 1, 2, 3]))
+    loss = head(emb, torch.tensor([0, 1, 2, 3]), torch.full((4, 8), float("nan")))
     assert not torch.isfinite(loss)
     changed = [k for k, v in list(net.state_dict().items()) + list(head.state_dict().items())
                if not torch.equal(v, before[k])]

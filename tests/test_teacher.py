@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from plugins.backbones import resolve_model
-from plugins.teacher import (TeacherHook, build_teacher, check_embedding_sizes, file_digest,
+from plugins.heads import check_embedding_sizes
+from plugins.teacher import (TeacherHook, build_teacher, file_digest,
                              state_dict_digest)
 
 DIM = 32

@@ -1,22 +1,30 @@
 """Standalone margin-softmax head (ArcFace / CosFace over Partial FC shards): the student-alone
-baseline and the reference the distillation heads are compared with."""
+baseline (``distill = "none"``) and the reference the distillation heads are compared with."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
 
-from plugins.distributed import (all_gather_no_grad, all_gather_with_grad, rank_and_world,
-                                 shard_range)
-from plugins.margin import (check_batch, check_labels_range, check_margin_args, cosine_logits,
-                            distributed_margin_cross_entropy, select_classes)
+from ..distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world, shard_range
+from ..margin import (check_batch, check_labels_range, check_margin_args, cosine_logits,
+                      distributed_margin_cross_entropy, select_classes)
+from .base import DistillHead, margin_from_config
+from .registry import register_head
 
 MARGIN_GRADS = ("straight_through", "exact")
 
 
-class MarginSoftmaxHead(nn.Module):
+@register_head("none", needs_teacher=False, keys={
+    "margin_grad": ("straight_through", "distill none / feature_mse, ArcFace: straight_through "
+                                        "(arcface_torch) | exact (AdaDistill's own ArcFace)",
+                    (str,), MARGIN_GRADS)})
+class MarginSoftmaxHead(DistillHead):
     """ArcFace / CosFace loss with learned class weights, sharded by the Partial FC rule.
 
-    ``forward(student [B, D], labels [B]) -> scalar loss``: the mean over the GLOBAL batch of
+    ``forward(student [B, D], labels [B], teacher=None, epoch=0) -> scalar loss`` (``teacher``
+    and ``epoch`` are not used): the mean over the GLOBAL batch of
     ``CE(s * margin(cos(f_i, W_j)), y_i)``, identical on every rank.  Embeddings and labels are
     all-gathered (with gradient), each rank scores them against its weight rows, softmax max and
     sum are all-reduced (``plugins.margin.distributed_margin_cross_entropy``).  The weight shard
@@ -66,7 +74,17 @@ class MarginSoftmaxHead(nn.Module):
         rank, world = rank_and_world()
         self.class_start, self.num_local = shard_range(num_classes, rank, world)
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
-        self.stats: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, cfg, teacher_classifier: Optional[torch.Tensor] = None
+                    ) -> "MarginSoftmaxHead":
+        kind, m, s = margin_from_config(cfg)
+        return cls(cfg.embedding_size, cfg.num_classes, margin=kind, s=s, m=m,
+                   sample_rate=cfg.sample_rate,
+                   margin_grad=cfg.get("margin_grad", "straight_through"))
+
+    def learned_classifier(self) -> Optional[torch.Tensor]:
+        return self.weight.detach()
 
     @torch.no_grad()
     def load_full_weight(self, full: torch.Tensor) -> None:
@@ -84,7 +102,8 @@ class MarginSoftmaxHead(nn.Module):
                 f"margin_grad={self.margin_grad}, class_start={self.class_start}, "
                 f"num_local={self.num_local}")
 
-    def forward(self, student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, student: torch.Tensor, labels: torch.Tensor,
+                teacher: Optional[torch.Tensor] = None, epoch: float = 0.0) -> torch.Tensor:
         """Loss of the global batch. ``student`` ``[B, D]``, ``labels`` ``[B]``."""
         check_batch(self.embedding_size, labels, student)
         student_all = all_gather_with_grad(student)

@@ -1,0 +1,98 @@
+"""The contract every distillation head follows (``DistillHead``) and config helpers heads share.
+
+A head maps this rank's batch to the loss of the GLOBAL batch (identical on every rank):
+
+    head(student [B, D], labels [B], teacher=None | [B, D_t], epoch=0.0) -> scalar loss
+
+and declares which of its state entries are class-sharded (``sharded_keys``: first axis = this
+rank's Partial FC class shard, re-split by the checkpoint code on a world-size change) and which
+buffers never change during training (``frozen_keys``: the non-finite step guard does not copy
+them).  After each forward ``stats`` holds detached scalars for the progress log.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+MARGIN_KINDS = ("arcface", "cosface")
+
+
+class DistillHead(nn.Module):
+    """Base class of the registered heads (see the module docstring for the call contract).
+
+    Attributes:
+        sharded_keys: state_dict keys whose first axis is the class shard of this rank.
+        frozen_keys: buffers that never change during training (not snapshotted every step).
+        stats: detached scalar tensors of the last forward.
+    """
+
+    sharded_keys: Tuple[str, ...] = ()
+    frozen_keys: Tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats: Dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, cfg, teacher_classifier: Optional[torch.Tensor]) -> "DistillHead":
+        """Build the head from an arcface_torch config (with the distillation keys).
+        ``teacher_classifier`` ``[C, D_t]``: a given teacher classifier (class means of the
+        teacher cache, ...), overriding ``cfg.teacher_classifier``; None when none is given."""
+        raise NotImplementedError(f"{cls.__qualname__}.from_config")
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Start-up checks of the method's own config keys (ValueError naming the key); runs
+        before any data or teacher is loaded.  Default: nothing to check."""
+
+    def forward(self, student: torch.Tensor, labels: torch.Tensor,
+                teacher: Optional[torch.Tensor] = None, epoch: float = 0.0) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__qualname__}.forward")
+
+    def require_teacher(self, teacher: Optional[torch.Tensor]) -> torch.Tensor:
+        """``teacher`` itself; ValueError naming the head when it is None (a head whose method
+        needs a teacher was called without teacher embeddings)."""
+        if teacher is None:
+            raise ValueError(f"{type(self).__name__} needs teacher embeddings [B, D_t] "
+                             f"(teacher=None given)")
+        return teacher
+
+    def learned_classifier(self) -> Optional[torch.Tensor]:
+        """This rank's trained classifier shard ``[num_local, D]`` (detached), or None when the
+        head trains none (teacher centers, no classes)."""
+        return None
+
+    def reduce_replicated_grads(self) -> None:
+        """Sum over ranks the gradients of parameters replicated on every rank (called after
+        backward, before unscale / clip / step); heads without such parameters do nothing."""
+
+
+def margin_from_config(cfg) -> Tuple[str, float, float]:
+    """``(kind, m, s)`` of arcface_torch's combined ``margin_list`` (m1, m2, m3) and
+    ``margin_scale``: ``("arcface", m2, s)`` or ``("cosface", m3, s)``.
+
+    Raises ValueError naming ``margin_list`` for any other combination (SphereFace m1 != 1, or
+    both / neither of m2, m3)."""
+    margin_list = cfg.margin_list
+    if len(margin_list) != 3:
+        raise ValueError(f"config key 'margin_list' must be (m1, m2, m3), got {margin_list!r}")
+    m1, m2, m3 = (float(v) for v in margin_list)
+    if m1 != 1.0 or (m2 > 0 and m3 > 0) or (m2 <= 0 and m3 <= 0):
+        raise ValueError(f"config key 'margin_list' = {tuple(margin_list)}: distillation heads "
+                         f"support ArcFace (1.0, m, 0.0) or CosFace (1.0, 0.0, m) only")
+    kind, m = ("arcface", m2) if m2 > 0 else ("cosface", m3)
+    return kind, m, float(cfg.margin_scale)
+
+
+def configured_teacher_classifier(cfg, teacher_classifier: Optional[torch.Tensor], dim: int
+                                  ) -> Optional[torch.Tensor]:
+    """The teacher classifier a head starts from: the given ``teacher_classifier``, else the
+    ``[C, dim]`` table loaded from ``cfg.teacher_classifier``, else None."""
+    if teacher_classifier is not None:
+        return teacher_classifier
+    if cfg.get("teacher_classifier"):
+        from ..classifier_io import load_teacher_classifier
+        return load_teacher_classifier(cfg.teacher_classifier, cfg.num_classes, dim)
+    return None

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean kd-bench kd-bench-quick
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-test.txt constraints.txt
@@ -21,5 +21,12 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q tests
 
+# What each distillation method buys, on a synthetic task with a capacity gap (docs/RESULTS.md).
+kd-bench: venv
+	$(PY) bench/kd_quality.py
+
+kd-bench-quick: venv
+	$(PY) bench/kd_quality.py --quick
+
 clean:
-	rm -rf $(VENV) work_dirs/demo
+	rm -rf $(VENV) work_dirs/demo work_dirs/kd_bench

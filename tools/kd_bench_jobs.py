@@ -1,0 +1,252 @@
+"""The work of the distillation-quality benchmark (bench/kd_quality.py), one function per job.
+
+Each job runs in its own process with ONE intra-op thread and no DataLoader workers
+(``pin_process``), so its numbers do not depend on how many jobs run beside it:
+
+- ``make_data(task, root)``: the synthetic training set (``train.rec``), ``lfw.bin`` and an
+  ``IJBC/`` folder, identities of the evaluation sets disjoint from training (tools/synthetic.py);
+- ``train_teacher(job)``: the teacher alone, then its teacher-embedding cache (engine/trainer.py,
+  engine/teacher_cache_build.py);
+- ``train_and_eval(job)``: one student run (a method and a seed) through engine.trainer.train,
+  evaluated by ``evaluate_model``: TAR@FAR on the synthetic IJB-C folder (eval/ijb.py, the
+  published pipeline) and the 10-fold ``lfw.bin`` accuracy (eval/bin_verification.py).
+
+Backbones of the benchmark are TinyFaceNet widths registered here under ``kdb_*`` names (the
+demo's tiny_s / tiny_t have fixed widths).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, Mapping
+
+THREADS = 1
+
+
+def pin_process(threads: int = THREADS) -> None:
+    """One intra-op (and inter-op) thread for this process: the results of a job are then the
+    same whether it runs alone or beside another job (reduction order depends on threads)."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["MKL_NUM_THREADS"] = str(threads)
+    import torch
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:      # already set (or parallel work started) in this process
+        pass
+    register_backbones()
+
+
+_REGISTERED = False
+
+
+def register_backbones() -> None:
+    """``kdb_teacher`` and ``kdb_student``: TinyFaceNet configured for the benchmark's gap.
+
+    kdb_teacher = tiny_s's trunk (stem 16, stages 24/48/96, depths 1/2/1);
+    kdb_student = a quarter of its widths (stem 4, stages 6/12/24, depths 1/1/1)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from plugins.backbones import register_model
+    from plugins.backbones.tiny import TinyFaceNet
+
+    @register_model("kdb_teacher")
+    def kdb_teacher(num_features: int = 128, fp16: bool = False, dropout: float = 0.0):
+        """Benchmark teacher: stem 16, stages 24/48/96, depths (1, 2, 1)."""
+        return TinyFaceNet(16, (24, 48, 96), (1, 2, 1), num_features, dropout, fp16)
+
+    @register_model("kdb_student")
+    def kdb_student(num_features: int = 128, fp16: bool = False, dropout: float = 0.0):
+        """Benchmark student: stem 4, stages 6/12/24, depths (1, 1, 1)."""
+        return TinyFaceNet(4, (6, 12, 24), (1, 1, 1), num_features, dropout, fp16)
+
+    _REGISTERED = True
+
+
+# --------------------------------------------------------------------------- data
+
+def make_data(task: Mapping[str, Any], root: str) -> str:
+    """Write the task's data into ``root`` once (a ``done.json`` marker, written last, holds the
+    task); return ``root``.  Parallel rendering (``task['render_workers']``) gives identical
+    files."""
+    from tools.synthetic import write_ijb, write_train_set, write_verification_bin
+
+    marker = os.path.join(root, "done.json")
+    if os.path.isfile(marker):
+        return root
+    os.makedirs(root, exist_ok=True)
+    start = time.time()
+    write_train_set(root, task["num_ids"], task["images_per_id"], seed=task["data_seed"],
+                    workers=task.get("render_workers", 1), verbose=True)
+    write_verification_bin(os.path.join(root, "lfw.bin"), task["bin_pairs"],
+                           seed=task["data_seed"], num_ids=task["bin_ids"], verbose=True)
+    write_ijb(os.path.join(root, "IJBC"), "IJBC", num_ids=task["ijb_ids"],
+              templates_per_id=task["ijb_templates_per_id"],
+              medias_per_template=task["ijb_medias_per_template"],
+              images_per_media=task["ijb_images_per_media"],
+              impostor_ratio=task["ijb_impostor_ratio"], seed=task["data_seed"], verbose=True)
+    _write_json(marker, {"task": dict(task), "seconds": round(time.time() - start, 1)})
+    return root
+
+
+def _write_json(path: str, obj: Any) -> None:
+    from plugins.atomic_io import save_text
+    save_text(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- config
+
+def run_config(job: Mapping[str, Any]):
+    """The trainer config (EasyDict) of one job: configs/base.py keys, the plugin's defaults,
+    then ``job['config']`` (the task's shared keys plus the method's overrides)."""
+    from easydict import EasyDict
+
+    from plugins.config_defaults import apply_distill_defaults, check_types
+
+    base: Dict[str, Any] = {}
+    spec_path = os.path.join(job["repo"], "configs", "base.py")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_kdb_base_config", spec_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base.update(dict(module.config))
+    base.update(job["config"])
+    apply_distill_defaults(base)
+    check_types(base, f"kd_quality job {job['name']}")
+    base["config_name"] = job["name"]
+    return EasyDict(base)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+ALIGNED_FILE = "aligned_{size}.npy"
+
+
+def aligned_ijb_images(ijb_root: str, target: str = "IJBC", image_size: int = 112):
+    """``(meta, uint8 [N, 3, S, S])``: every image of the IJB folder decoded and aligned
+    (eval.ijb.AlignedFaceDataset), computed once and kept as ``<ijb_root>/aligned_<S>.npy``
+    (written atomically, so runs side by side can race to create it)."""
+    import numpy as np
+
+    from plugins.atomic_io import save_npy
+    from eval.ijb import AlignedFaceDataset, load_meta
+
+    meta = load_meta(ijb_root, target)
+    path = os.path.join(ijb_root, ALIGNED_FILE.format(size=image_size))
+    if os.path.isfile(path):
+        images = np.load(path, allow_pickle=False)
+        if images.shape == (len(meta.names), 3, image_size, image_size):
+            return meta, images
+    dataset = AlignedFaceDataset(meta.image_dir, meta.names, meta.landmarks, meta.landmark_file,
+                                 image_size=image_size)
+    images = np.stack([dataset[i][0].numpy() for i in range(len(dataset))])
+    save_npy(path, images)
+    return meta, images
+
+
+def ijb_tar_at_far(backbone, ijb_root: str, target: str = "IJBC",
+                   fars=(1e-4, 1e-3, 1e-2), batch_size: int = 128) -> Dict[str, Any]:
+    """TAR@FAR (percent, the published closest-FPR reading) of ``backbone`` on the IJB folder
+    ``ijb_root``: keys ``tar@<far>`` (``far_key``), plus ``ijb_auc``, ``ijb_pairs``,
+    ``ijb_genuine``.  Same features as eval.ijb.extract_features (each batch of ``batch_size``
+    images embedded together with its mirrors), from the aligned images of
+    ``aligned_ijb_images``."""
+    import numpy as np
+    import torch
+
+    from eval.ijb import evaluate_scores, far_key, score_features
+    from eval.model_io import TorchEmbedder
+
+    embedder = TorchEmbedder(backbone, autocast=False, description="kd_quality")
+    meta, images = aligned_ijb_images(ijb_root, target)
+    parts = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start:start + batch_size])
+        feats = embedder(torch.cat([batch, batch.flip(3)])).numpy()
+        parts.append(np.concatenate([feats[:len(batch)], feats[len(batch):]], axis=1))
+    scores, _ = score_features(meta, np.concatenate(parts).astype(np.float32))
+    report = evaluate_scores(meta.labels, scores, "closest", fars)
+    out = {f"tar@{far_key(f)}": report["tar_at_far"][far_key(f)] for f in fars}
+    out.update({"ijb_auc": report["auc"], "ijb_pairs": report["num_pairs"],
+                "ijb_genuine": report["num_genuine"]})
+    return out
+
+
+def evaluate_model(backbone, data_root: str, fars=(1e-4, 1e-3, 1e-2)) -> Dict[str, Any]:
+    """TAR@FAR (percent) on ``data_root/IJBC`` and the lfw.bin accuracy of ``backbone``."""
+    from eval.model_io import TorchEmbedder
+    from eval.bin_verification import load_bin, verify
+
+    out = ijb_tar_at_far(backbone, os.path.join(data_root, "IJBC"), "IJBC", fars)
+    embedder = TorchEmbedder(backbone, autocast=False, description="kd_quality")
+    result = verify(load_bin(os.path.join(data_root, "lfw.bin")), embedder)
+    out.update({"bin_acc": result.accuracy, "bin_std": result.std})
+    return out
+
+
+def load_trained(network: str, embedding_size: int, output: str):
+    """The backbone a run saved as ``output/model.pt`` (weights_only load)."""
+    import torch
+
+    from plugins.backbones import get_model
+
+    model = get_model(network, num_features=embedding_size)
+    state = torch.load(os.path.join(output, "model.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model
+
+
+def _load_student(cfg):
+    return load_trained(cfg.network, cfg.embedding_size, cfg.output)
+
+
+# --------------------------------------------------------------------------- jobs
+
+def train_teacher(job: Mapping[str, Any]) -> Dict[str, Any]:
+    """Train the teacher (``distill='none'``), evaluate it, build its embedding cache; write
+    ``<output>/teacher.json`` last (the marker of a finished teacher)."""
+    pin_process()
+    from engine.teacher_cache_build import build_from_config
+    from engine.trainer import train
+
+    cfg = run_config(job)
+    start = time.time()
+    summary = train(cfg)
+    metrics = evaluate_model(_load_student(cfg), job["data_root"])
+    cache_cfg = dict(cfg, teacher_network=cfg.network, teacher_embedding_size=cfg.embedding_size,
+                     teacher_checkpoint=os.path.join(cfg.output, "model.pt"),
+                     teacher_cache=os.path.join(cfg.output, "embedding_cache"),
+                     teacher_fp16=False, num_workers=0, batch_size=128)
+    build_from_config(cache_cfg, dtype="float32")
+    result = {"name": job["name"], "metrics": metrics, "steps": summary["steps"],
+              "final_loss": summary["loss"], "seconds": round(time.time() - start, 1),
+              "digest": job["digest"]}
+    _write_json(os.path.join(cfg.output, "teacher.json"), result)
+    return result
+
+
+def train_and_eval(job: Mapping[str, Any]) -> Dict[str, Any]:
+    """One student run; writes ``<output>/result.json`` last and returns it."""
+    from tools.kd_bench import cached_result
+
+    done = cached_result(job["output"], "result.json", job["digest"]) \
+        if job.get("reuse", True) else None
+    if done is not None:          # another benchmark process finished this run meanwhile
+        return done
+    pin_process()
+    from engine.trainer import train
+
+    cfg = run_config(job)
+    start = time.time()
+    summary = train(cfg)
+    metrics = evaluate_model(_load_student(cfg), job["data_root"])
+    losses = summary["losses"]
+    result = {"name": job["name"], "method": job["method"], "seed": job["seed"],
+              "metrics": metrics, "steps": summary["steps"], "final_loss": summary["loss"],
+              "mean_loss_last_10pct": sum(losses[-max(1, len(losses) // 10):]) /
+              max(1, len(losses[-max(1, len(losses) // 10):])),
+              "seconds": round(time.time() - start, 1), "digest": job["digest"]}
+    _write_json(os.path.join(cfg.output, "result.json"), result)
+    return result

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from eval import verification as verification_cli
 from eval import bin_verification as ver
 from data.image_codec import decode_rgb, encode_jpeg
 from eval.model_io import TorchEmbedder
@@ -197,9 +196,9 @@ def test_callback_evaluates_logs_and_keeps_best(bin_dir, tiny, caplog):
 
 def test_cli_prints_table_and_writes_json(bin_dir, tiny, tmp_path, capsys):
     torch.save(tiny.state_dict(), tmp_path / "model.pt")
-    results = verification_cli.main(["--model-prefix", str(tmp_path / "model.pt"), "--network",
-                                     "tiny_s", "--data-dir", str(bin_dir), "--targets",
-                                     "lfw,cfp_fp", "--json", str(tmp_path / "ver.json")])
+    results = ver.main(["--model-prefix", str(tmp_path / "model.pt"), "--network",
+                        "tiny_s", "--data-dir", str(bin_dir), "--targets",
+                        "lfw,cfp_fp", "--json", str(tmp_path / "ver.json")])
     assert "Accuracy-Flip (%)" in capsys.readouterr().out
     saved = json.loads((tmp_path / "ver.json").read_text())
     assert list(saved["results"]) == ["lfw", "cfp_fp"]

@@ -60,7 +60,7 @@ IMPORT_LINES = (
     "from plugins.builders import build_head",
     "from plugins.fork_loop import (build_fork_teacher, distill_method, fork_head_loss, "
     "model_builder,",
-    "                            prepare_fork_config)",
+    "                               prepare_fork_config)",
 )
 # Names the patch introduces; a fork that already binds one of them would be silently shadowed.
 INTRODUCED_NAMES = ("teacher", "build_head", "build_fork_teacher", "distill_method",

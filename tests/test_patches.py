@@ -248,7 +248,7 @@ def test_patch_places_every_change_by_meaning():
         "from plugins.builders import build_head\n"
         "from plugins.fork_loop import (build_fork_teacher, distill_method, fork_head_loss, "
         "model_builder,\n"
-        "                            prepare_fork_config)\n"
+        "                               prepare_fork_config)\n"
         "# <<< kdface distill\n")
     # right after the last import, before the process-group block
     assert "import setup_seed\n# >>> kdface distill\nfrom plugins.builders" in out

@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt requirements-test.txt constraints.txt
 	touch $@
 
 demo: venv
-	$(PY) -m host.demo
+	$(PY) -m tools.demo
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -11,7 +11,7 @@ import signal
 
 import torch.distributed as dist
 
-from host.config import get_config
+from engine.config import get_config
 
 
 def main(argv=None) -> None:
@@ -32,10 +32,10 @@ def main(argv=None) -> None:
         parser.error("--resume and --start-over contradict each other")
     try:
         if args.build_teacher_cache:
-            from host.teacher_cache_build import build_from_config
+            from engine.teacher_cache_build import build_from_config
             build_from_config(cfg)
         else:
-            from host.trainer import train
+            from engine.trainer import train
             stopped_by = train(cfg).get("stopped_by")
             if stopped_by:                  # saved and resumable; the run did not finish
                 raise SystemExit(128 + int(signal.Signals[stopped_by]))

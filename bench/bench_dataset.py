@@ -25,9 +25,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from host.dataset import FaceRecordDataset  # noqa: E402
-from host.image_codec import decoder_name  # noqa: E402
-from host.synthetic import write_train_set  # noqa: E402
+from data.dataset import FaceRecordDataset  # noqa: E402
+from data.image_codec import decoder_name  # noqa: E402
+from tools.synthetic import write_train_set  # noqa: E402
 
 
 class PillowReader:

@@ -1,4 +1,4 @@
-"""IJB-C post-feature stages: ours (host/ijb.py) vs an upstream-equivalent implementation.
+"""IJB-C post-feature stages: ours (eval/ijb.py) vs an upstream-equivalent implementation.
 
 Stages, from image features ``[N, 2D]`` to TAR@FAR (image extraction is not included):
 
@@ -47,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from host import ijb  # noqa: E402
+from eval import ijb  # noqa: E402
 
 NUM_IMAGES, NUM_TEMPLATES, NUM_PAIRS, NUM_GENUINE, DIM = 469_375, 23_124, 15_658_489, 19_557, 512
 NUM_IDENTITIES = 3_531

@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from host.dataset import FaceRecordDataset  # noqa: E402
-from host.synthetic import write_train_set  # noqa: E402
-from host.teacher_cache_build import build_teacher_cache  # noqa: E402
+from data.dataset import FaceRecordDataset  # noqa: E402
+from tools.synthetic import write_train_set  # noqa: E402
+from engine.teacher_cache_build import build_teacher_cache  # noqa: E402
 from plugins.heads import AdaDistillHead  # noqa: E402
 from plugins.backbones import resolve_model  # noqa: E402
 from plugins.heads import MarginSoftmaxHead  # noqa: E402
@@ -196,7 +196,7 @@ def onnx_build_throughput(args: argparse.Namespace, data: str, work: str) -> Non
     ``|cos - 1|`` between the two caches' embeddings."""
     import numpy as np
 
-    from host.onnx_export import export_onnx
+    from eval.onnx_export import export_onnx
     from plugins.onnx_teacher import OnnxTeacher
 
     torch.manual_seed(2)

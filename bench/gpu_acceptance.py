@@ -6,7 +6,7 @@
 
 Stages, each printed as a PASS / FAIL line (a stage whose input failed is FAIL "skipped"):
 
-  data         synthetic faces: train.rec/.idx/property + an IJB-C-style folder (host/synthetic)
+  data         synthetic faces: train.rec/.idx/property + an IJB-C-style folder (tools/synthetic)
   teacher      an r50 teacher checkpoint (model.pt) and a [C, D] teacher classifier (random
                weights: this run checks the machinery, not accuracy)
   adadistill   mobilefacenet from the r50 teacher, fp16 + GradScaler, channels_last: the first
@@ -286,7 +286,7 @@ class Acceptance:
                     os.path.join(self.work, "configs", "base.py"))
 
     def make_data(self) -> str:
-        from host.synthetic import write_ijb, write_train_set
+        from tools.synthetic import write_ijb, write_train_set
         workers = 1 if self.quick else max(1, min(8, (os.cpu_count() or 1) - 1))
         write_train_set(os.path.join(self.work, "data", "train"), self.num_ids, self.per_id,
                         seed=0, workers=workers)
@@ -301,8 +301,8 @@ class Acceptance:
         """Random weights whose BatchNorm statistics are those of the synthetic faces: a raw random
         r50 outputs ~1e26 (inf in float16); calibrated, its activations are O(1)."""
         import torch
-        from host.atomic_io import atomic_torch_save
-        from host.dataset import FaceRecordDataset
+        from plugins.atomic_io import atomic_torch_save
+        from data.dataset import FaceRecordDataset
         from plugins.backbones import get_model
         torch.manual_seed(0)
         device = "cpu" if self.cpu else "cuda"

@@ -4,12 +4,12 @@ every method trained with several seeds, evaluated on identities unseen in train
     python bench/kd_quality.py            # the full benchmark (make kd-bench)
     python bench/kd_quality.py --quick    # 1 seed, fewer steps (make kd-bench-quick)
 
-The task (host/kd_bench.py ``TASK``): a synthetic training set (host/synthetic.py), a teacher
+The task (tools/kd_bench.py ``TASK``): a synthetic training set (tools/synthetic.py), a teacher
 (``kdb_teacher``) and a much smaller student (``kdb_student``), both TinyFaceNet widths
-(host/kd_bench_jobs.py).  The teacher is trained once and cached by the digest of its config and
+(tools/kd_bench_jobs.py).  The teacher is trained once and cached by the digest of its config and
 data (``work_dirs/kd_bench/teacher_<digest>/``), with its teacher-embedding cache; every method of
-``host.kd_bench.method_table`` is then trained for every seed with the same data, schedule and
-steps through host.trainer.train, and evaluated with the IJB-C pipeline (TAR@FAR 1e-4 / 1e-3 /
+``tools.kd_bench.method_table`` is then trained for every seed with the same data, schedule and
+steps through engine.trainer.train, and evaluated with the IJB-C pipeline (TAR@FAR 1e-4 / 1e-3 /
 1e-2 on a synthetic IJB-C folder) and the 10-fold accuracy on a synthetic lfw.bin.  Runs are also
 cached by digest (``--fresh`` retrains them).
 
@@ -38,10 +38,10 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 os.environ.setdefault("OMP_NUM_THREADS", "1")     # inherited by the spawned job processes
 
-from host import kd_bench  # noqa: E402
-from host.kd_bench import (BASELINE, aggregate, cached_result, config_digest,  # noqa: E402
+from tools import kd_bench  # noqa: E402
+from tools.kd_bench import (BASELINE, aggregate, cached_result, config_digest,  # noqa: E402
                            job_folder, markdown_tables, merged_task, method_table, plot_summary)
-from host.kd_bench_jobs import make_data, train_and_eval, train_teacher  # noqa: E402
+from tools.kd_bench_jobs import make_data, train_and_eval, train_teacher  # noqa: E402
 
 CODE_VERSION = 1    # bump when a change of the harness should invalidate cached runs
 
@@ -106,7 +106,7 @@ def machine() -> Dict[str, Any]:
             info["processor"] = names[0]
     except OSError:
         pass
-    from host.image_codec import decoder_name
+    from data.image_codec import decoder_name
     info["jpeg_decoder"] = decoder_name()
     return info
 
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                "report_only": bool(args.report_only),
                "train_seconds_total": round(sum(r["seconds"] for r in results), 1)}
     os.makedirs(out, exist_ok=True)
-    from host.atomic_io import save_text
+    from plugins.atomic_io import save_text
     save_text(os.path.join(out, "results.json"), json.dumps(payload, indent=1))
     save_text(os.path.join(out, "results.md"), tables)
     plot_summary(summary, os.path.join(out, "kd_quality.png"))

@@ -1,4 +1,4 @@
-"""CPU demo, step 2: the student (tiny_s) trained alone, the baseline (see host/demo.py)."""
+"""CPU demo, step 2: the student (tiny_s) trained alone, the baseline (see tools/demo.py)."""
 from easydict import EasyDict as edict
 
 config = edict()

@@ -1,4 +1,4 @@
-"""CPU demo, step 1: the teacher (tiny_t) trained alone on the synthetic set (see host/demo.py)."""
+"""CPU demo, step 1: the teacher (tiny_t) trained alone on the synthetic set (see tools/demo.py)."""
 from easydict import EasyDict as edict
 
 config = edict()

@@ -10,7 +10,7 @@
 
 Writes ``<result-dir>/<job>/<target>.npy`` (pair scores), ``<target>_features.npy`` (image
 features ``[N, 2D]``, plain | mirror), ``<target>.json`` (TAR@FAR in percent) and
-``<target>_roc.{png,pdf}``; the pipeline is documented in ``host/ijb.py``.
+``<target>_roc.{png,pdf}``; the pipeline is documented in ``eval/ijb.py``.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from typing import List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from host import ijb  # noqa: E402
-from host.model_io import load_embedder  # noqa: E402
+from eval import ijb  # noqa: E402
+from eval.model_io import load_embedder  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

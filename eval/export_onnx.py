@@ -5,7 +5,7 @@
 
 Checks, printed: onnxruntime vs torch (max |cos - 1| < 1e-4 on random images), InsightFace's
 ``model_zoo.get_model`` loads it as a recognition model whose ``get_feat`` matches torch, and with
-``--check-mfr`` the ICCV21-MFR submission constraints (see ``host/onnx_export.py``).
+``--check-mfr`` the ICCV21-MFR submission constraints (see ``eval/onnx_export.py``).
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from host import onnx_export  # noqa: E402
-from host.model_io import load_backbone  # noqa: E402
+from eval import onnx_export  # noqa: E402
+from eval.model_io import load_backbone  # noqa: E402
 
 TOLERANCE = 1e-4
 

@@ -2,14 +2,17 @@
 
     python patches/install_into_fork.py /path/to/insightface/recognition/arcface_torch --dry-run
     python patches/install_into_fork.py /path/to/insightface/recognition/arcface_torch
+    python patches/install_into_fork.py /path/to/.../arcface_torch --plugins-only
 
-Copies ``plugins/``, ``host/``, ``train_distill.py``, the job configs ``configs/<job>.py``,
-``eval/`` and ``patches/``.  A file the fork already has is never overwritten: if its content is
+Copies ``plugins/``, ``engine/``, ``data/``, ``train_distill.py``, the job configs
+``configs/<job>.py``, ``eval/``, ``tools/`` and ``patches/``.  With ``--plugins-only`` (for the
+patched ``train_v2.py``, which needs the plugin alone): ``plugins/``, the job configs and
+``patches/``.  A file the fork already has is never overwritten: if its content is
 ours byte for byte it is reported as already installed, otherwise the copy is refused and
 reported.  ``configs/base.py`` is never copied (the fork keeps its own; the plugin supplies the
 distillation defaults), nor ``configs/__init__.py`` when the fork has one.
 
-Refusals in ``plugins/``, ``host/`` or ``train_distill.py`` are essential: the toolkit cannot run
+Refusals in ``plugins/``, ``engine/``, ``data/`` or ``train_distill.py`` are essential: the toolkit cannot run
 next to a different module of the same name, so nothing at all is written and the exit status
 is 1.  Other refusals (e.g. an ``eval/`` file of the fork) leave the fork's file in place; the
 rest is copied and the exit status is 0.  An invalid target exits with status 2.
@@ -27,9 +30,12 @@ from typing import List, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-ESSENTIAL_DIRS = ("plugins", "host")
+ESSENTIAL_DIRS = ("plugins", "engine", "data")
 ESSENTIAL_FILES = ("train_distill.py",)
-OPTIONAL_DIRS = ("eval", "patches")
+OPTIONAL_DIRS = ("eval", "tools", "patches")
+# --plugins-only: what the patched train_v2.py imports, and the patcher
+PLUGINS_ONLY_ESSENTIAL_DIRS = ("plugins",)
+PLUGINS_ONLY_OPTIONAL_DIRS = ("patches",)
 SKIPPED_NAMES = ("__pycache__",)
 SKIPPED_SUFFIXES = (".pyc", ".pyo", ".orig", ".tmp")
 
@@ -86,7 +92,7 @@ def _job_configs() -> List[str]:
 def _classify(fork: str, rel: str, essential: bool) -> Item:
     target = os.path.join(fork, rel)
     if not os.path.lexists(target):
-        # a file where we need a folder, e.g. the fork's own host (a file) for host/x.py
+        # a file where we need a folder, e.g. the fork's own file engine for engine/x.py
         parent = os.path.dirname(rel)
         while parent:
             if os.path.lexists(os.path.join(fork, parent)) and \
@@ -100,18 +106,22 @@ def _classify(fork: str, rel: str, essential: bool) -> Item:
     return Item(rel, essential, "refused", "the fork has its own file of that name")
 
 
-def plan(fork: str) -> List[Item]:
-    """What installing into ``fork`` would do, file by file (nothing is written)."""
+def plan(fork: str, plugins_only: bool = False) -> List[Item]:
+    """What installing into ``fork`` would do, file by file (nothing is written);
+    ``plugins_only``: only what a patched train_v2.py needs (plugins/, job configs, patches/)."""
     check_target(fork)
+    essential_dirs = PLUGINS_ONLY_ESSENTIAL_DIRS if plugins_only else ESSENTIAL_DIRS
+    optional_dirs = PLUGINS_ONLY_OPTIONAL_DIRS if plugins_only else OPTIONAL_DIRS
     items = []
-    for name in ESSENTIAL_DIRS + OPTIONAL_DIRS:
-        essential = name in ESSENTIAL_DIRS
+    for name in essential_dirs + optional_dirs:
+        essential = name in essential_dirs
         shadow = os.path.join(fork, name + ".py")
-        if os.path.exists(shadow):  # `import host` would be ambiguous
+        if os.path.exists(shadow):  # `import engine` would be ambiguous
             items.append(Item(name + ".py", essential, "refused",
                               f"the fork's module {name}.py has the name of our package {name}/"))
         items += [_classify(fork, rel, essential) for rel in _tree_files(name)]
-    items += [_classify(fork, rel, True) for rel in ESSENTIAL_FILES]
+    if not plugins_only:
+        items += [_classify(fork, rel, True) for rel in ESSENTIAL_FILES]
     items += [_classify(fork, rel, False) for rel in _job_configs()]
     init = os.path.join("configs", "__init__.py")
     if os.path.exists(os.path.join(fork, init)):
@@ -137,11 +147,12 @@ def _copy(rel: str, fork: str) -> None:
         raise
 
 
-def install(fork: str, dry_run: bool = False, out=None) -> int:
+def install(fork: str, dry_run: bool = False, out=None, plugins_only: bool = False) -> int:
     """Install into ``fork`` and print the report to ``out``; returns the exit status
     (0 done, 1 an essential file was refused and nothing was written)."""
     out = out or sys.stdout
-    items = plan(fork)
+    items = plan(fork, plugins_only)
+    essential_dirs = PLUGINS_ONLY_ESSENTIAL_DIRS if plugins_only else ESSENTIAL_DIRS
     essential_refused = [i for i in items if i.status == "refused" and i.essential]
     write = not dry_run and not essential_refused
     verb = "copied" if write else "would copy"
@@ -166,9 +177,11 @@ def install(fork: str, dry_run: bool = False, out=None) -> int:
         names = ", ".join(i.rel for i in essential_refused[:5])
         more = f" and {len(essential_refused) - 5} more" if len(essential_refused) > 5 else ""
         print(f"error: {len(essential_refused)} essential file(s) refused ({names}{more}): the "
-              f"fork already has different files where plugins/, host/ or train_distill.py go. "
+              f"fork already has different files where "
+              f"{', '.join(d + '/' for d in essential_dirs)}"
+              f"{'' if plugins_only else ' or train_distill.py'} go. "
               f"Nothing was written. If they are left from an older install, delete them "
-              f"(e.g. rm -r {os.path.join(fork, 'plugins')} {os.path.join(fork, 'host')}) and "
+              f"(e.g. rm -r {' '.join(os.path.join(fork, d) for d in essential_dirs)}) and "
               f"run again; if they are the fork's own modules, rename them in the fork.",
               file=out)
         return 1
@@ -181,13 +194,17 @@ def install(fork: str, dry_run: bool = False, out=None) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Copy kdface (plugins/, host/, train_distill.py, job configs, eval/, "
-                    "patches/) into a fork's arcface_torch folder without overwriting anything")
+        description="Copy kdface (plugins/, engine/, data/, train_distill.py, job configs, eval/, "
+                    "tools/, patches/) into a fork's arcface_torch folder without overwriting "
+                    "anything")
     parser.add_argument("fork", help="the fork's insightface/recognition/arcface_torch folder")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    parser.add_argument("--plugins-only", action="store_true",
+                        help="only plugins/, the job configs and patches/: enough for the "
+                             "patched train_v2.py (patches/patch_train_v2.py)")
     args = parser.parse_args(argv)
     try:
-        return install(args.fork, dry_run=args.dry_run)
+        return install(args.fork, dry_run=args.dry_run, plugins_only=args.plugins_only)
     except NotArcfaceTorch as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ The places to change are found by their meaning in the Python syntax tree, never
 so a fork that moved, renamed or reformatted things is still patched correctly:
 
 - imports: after the last module-level import before the first ``def``/``class``, import
-  ``build_head`` and the patched loop's helpers of ``host/fork_loop.py``;
+  ``build_head`` and the patched loop's helpers of ``plugins/fork_loop.py``;
 - config: after ``<cfg> = get_config(...)``: ``prepare_fork_config(<cfg>)`` -- a job that sets
   no ``distill`` key is one of the fork's own and is left untouched (it trains, and dumps its
   config, exactly as before); for ours: distillation defaults, start-up checks, a warning per key
@@ -57,10 +57,10 @@ REPLACED_NOTE = ": replaces the statement kept below as #| comments"
 _KEPT_LINE = re.compile(r"^([ \t]*)# ?\|(.*)$")
 
 IMPORT_LINES = (
-    "from host.factory import build_head",
-    "from host.fork_loop import (build_fork_teacher, distill_method, fork_head_loss, "
+    "from plugins.builders import build_head",
+    "from plugins.fork_loop import (build_fork_teacher, distill_method, fork_head_loss, "
     "model_builder,",
-    "                            prepare_fork_config)",
+    "                               prepare_fork_config)",
 )
 # Names the patch introduces; a fork that already binds one of them would be silently shadowed.
 INTRODUCED_NAMES = ("teacher", "build_head", "build_fork_teacher", "distill_method",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from plugins.distributed import all_reduce
+from .distributed import all_reduce
 
 
 class ClassMeanAccumulator:

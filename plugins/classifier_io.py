@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 import torch
 
-from plugins.distributed import shard_range
+from .distributed import shard_range
 
 SHARD_PATTERN = re.compile(r"^checkpoint_gpu_(\d+)\.pt$")
 LAYOUTS = ("CD", "DC")

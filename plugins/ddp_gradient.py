@@ -6,7 +6,7 @@ gives each rank's embeddings [B, D] the exact gradient of that mean for its own 
 backbone gradient of the global-batch mean is therefore the SUM over ranks of the per-rank
 backbone gradients.  Plain DDP AVERAGES them (divides the sum by W).  Two ways to get the sum:
 
-- our trainer registers ``exact_gradient_hook`` (host/runtime.py), a comm hook that sums;
+- our trainer registers ``exact_gradient_hook`` (below), a comm hook that sums;
 - a fork's patched ``train_v2.py`` keeps the fork's DDP (upstream registers its own
   ``fp16_compress_hook``, and DDP accepts one hook only) and multiplies the embeddings'
   gradient by W before DDP averages -- exactly what upstream's PartialFC_V2 does in the backward
@@ -52,3 +52,16 @@ def undo_ddp_average(embeddings: torch.Tensor, model: nn.Module) -> torch.Tensor
     if world == 1 or not embeddings.requires_grad:
         return embeddings
     return _ScaleGradient.apply(embeddings, float(world))
+
+
+def exact_gradient_hook(state, bucket):
+    """DDP communication hook that SUMS gradients over ranks instead of averaging them.
+
+    The heads already give every rank the exact gradient of the global-batch mean loss for its
+    own samples, so the sum is that loss's gradient on any world size -- the gradient upstream
+    arcface_torch's PartialFC_V2 path and both official recipes give.  (A fork's patched
+    train_v2.py keeps the fork's DDP averaging and scales the embedding gradient by W instead:
+    plugins/ddp_gradient.py.)
+    """
+    future = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return future.then(lambda fut: fut.value()[0])

@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from plugins.distributed import all_reduce, all_reduce_sum_with_grad
+from .distributed import all_reduce, all_reduce_sum_with_grad
 
 MARGINS = ("arcface", "cosface")
 ACOS_EPS = 1e-6

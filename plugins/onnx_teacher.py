@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from plugins.teacher import file_digest
+from .teacher import file_digest
 
 ONNX_NETWORK = "onnx"           # the config value of ``teacher_network`` for an ONNX teacher
 IMAGE_SHAPE = (3, 112, 112)     # our dataset's images: RGB, 112 x 112

@@ -11,7 +11,7 @@ from typing import Dict, List, Mapping, Sequence
 
 import torch
 
-from plugins.distributed import shard_range
+from .distributed import shard_range
 
 
 def join_shards(shards: Sequence[torch.Tensor], num_classes: int, source: str = "") -> torch.Tensor:
@@ -58,7 +58,7 @@ def gather_full_table(shard: torch.Tensor, num_classes: int) -> torch.Tensor:
     Shards may differ by one row (the sharding rule); they are padded for the collective."""
     import torch.distributed as dist
 
-    from plugins.distributed import rank_and_world, shard_sizes
+    from .distributed import rank_and_world, shard_sizes
 
     _, world = rank_and_world()
     if world == 1:

@@ -189,14 +189,14 @@ def build_teacher(network: str,
         ValueError: the checkpoint does not fit the network (from ``load_backbone_weights``).
     """
     if network == "onnx":  # an insightface .onnx recognition model, run by onnxruntime
-        from plugins.onnx_teacher import build_onnx_teacher
+        from .onnx_teacher import build_onnx_teacher
         return build_onnx_teacher(checkpoint, embedding_size=embedding_size, device=device)
     if checkpoint is None or not os.path.isfile(checkpoint):
         raise FileNotFoundError(
             f"config key 'teacher_checkpoint': teacher weights not found at {checkpoint!r}; set it "
             f"to the teacher's backbone .pth/.pt file (arcface_torch model.pt or backbone.pth)")
-    from plugins.backbones import resolve_model
-    from plugins.backbones.loading import load_backbone_weights
+    from .backbones import resolve_model
+    from .backbones.loading import load_backbone_weights
     factory = resolve_model if get_model is None else get_model
     device = torch.device("cpu" if device is None else device)
     # The network's own fp16 flag must be on under CUDA autocast too: arcface_torch backbones wrap

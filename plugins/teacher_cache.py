@@ -2,7 +2,7 @@
 
 With flip-only augmentation an image reaches the teacher either as it is or mirrored, so its
 teacher embedding is one of two vectors.  A cache stores both for every image, computed once
-(``host/teacher_cache_build.py``), and training reads them instead of running the teacher.
+(``engine/teacher_cache_build.py``), and training reads them instead of running the teacher.
 
 Format (a folder ``<path>/``, format version 1):
 
@@ -32,6 +32,12 @@ from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from .atomic_io import save_json
+from .class_means import ClassMeanAccumulator
+from .distributed import rank_and_world, shard_range
+from .teacher import file_digest
 
 FORMAT_VERSION = 1
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -79,17 +85,6 @@ def cache_identity(teacher_digest: str, teacher_network: str, dataset_root: str,
             "dataset_path": os.path.abspath(dataset_root),
             "dataset_fingerprint": dataset_fingerprint(dataset_root),
             "num_images": int(num_images), "embedding_size": int(embedding_size)}
-
-
-def write_json_atomic(path: str, obj: Mapping[str, Any]) -> None:
-    """Write JSON to a temporary name, fsync it, then rename it over ``path``."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump(obj, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def read_meta(path: str) -> Dict[str, Any]:
@@ -141,7 +136,7 @@ def finished_chunks(path: str) -> Set[int]:
 
 def mark_chunk_done(path: str, chunk: int, start: int, stop: int) -> None:
     """Atomically record that rows ``[start, stop)`` are written and flushed."""
-    write_json_atomic(marker_path(path, chunk), {"chunk": chunk, "start": start, "stop": stop})
+    save_json(marker_path(path, chunk), {"chunk": chunk, "start": start, "stop": stop})
 
 
 def create_storage(path: str, num_images: int, embedding_size: int, dtype: str) -> None:
@@ -286,3 +281,73 @@ class TeacherEmbeddingCache:
         if images.device.type == "cuda":
             out = out.pin_memory()
         return out.to(images.device, non_blocking=True)
+
+
+def collective_device() -> torch.device:
+    """Where tensors passed to collectives must live: the GPU under nccl, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def expected_meta(cfg: Mapping[str, Any], num_images: Optional[int] = None) -> Dict[str, Any]:
+    """What a training run expects of its cache (the ``expect`` of ``TeacherEmbeddingCache``):
+    the sha256 of ``cfg.teacher_checkpoint`` (hashed, not loaded), ``cfg.teacher_network``,
+    ``cfg.teacher_embedding_size`` and the fingerprint of ``cfg.rec``; plus the image count when
+    ``num_images`` (``len(dataset)``) is given -- without it the fingerprint alone identifies the
+    data."""
+    checkpoint = cfg["teacher_checkpoint"]
+    if checkpoint is None or not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"config key 'teacher_checkpoint': {checkpoint!r} not found; the "
+                                f"teacher cache is checked against the teacher's checkpoint")
+    expect = cache_identity(file_digest(checkpoint), cfg["teacher_network"], cfg["rec"],
+                            0 if num_images is None else num_images,
+                            cfg["teacher_embedding_size"])
+    if num_images is None:
+        del expect["num_images"]
+    return expect
+
+
+def open_teacher_cache(cfg: Mapping[str, Any], num_images: Optional[int] = None,
+                       force: bool = False) -> TeacherEmbeddingCache:
+    """Open ``cfg.teacher_cache`` for training, checked against ``expected_meta(cfg,
+    num_images)``."""
+    return TeacherEmbeddingCache(cfg["teacher_cache"], expect=expected_meta(cfg, num_images),
+                                 force=force)
+
+
+def class_mean_classifier_from_cache(cache: TeacherEmbeddingCache,
+                                     labels: Optional[torch.Tensor],
+                                     num_classes: int,
+                                     block: int = 65536) -> torch.Tensor:
+    """A teacher classifier ``[C, D]`` fp32 from the cache, for GKD teachers saved without one.
+
+    ``w_c`` = L2-normalised mean over the images of class c of the L2-normalised embeddings of the
+    image *and* of its mirror (both views count as samples: the classifier sees what training
+    feeds the teacher).  One pass over the cache; with several ranks each streams a contiguous
+    share and the sums are all-reduced.
+
+    Args:
+        cache: an open, validated cache.
+        labels: ``[num_images]`` labels; ``None`` uses the ones recorded in the cache.
+        num_classes: ``C``.
+        block: rows read per step.
+
+    Raises:
+        ValueError: wrong label count, a label outside ``[0, C)`` or a class without images.
+    """
+    if labels is None:
+        labels = torch.from_numpy(np.array(cache.labels, dtype=np.int64))
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    if labels.shape != (cache.num_images,):
+        raise ValueError(f"class_mean_classifier_from_cache: labels must be "
+                         f"[{cache.num_images}], got {list(labels.shape)}")
+    start, count = shard_range(cache.num_images, *rank_and_world())
+    stop = start + count
+    acc = ClassMeanAccumulator(num_classes, cache.embedding_size, device=collective_device())
+    for s in range(start, stop, block):
+        e = min(s + block, stop)
+        views = torch.from_numpy(np.array(cache.table[s:e], dtype=np.float32))  # [n, 2, D]
+        acc.update(views.reshape(-1, cache.embedding_size),
+                   labels[s:e].repeat_interleave(2))
+    return acc.all_reduce().result().cpu()

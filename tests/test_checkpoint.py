@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from host.checkpoint import CheckpointManager
+from engine.checkpoint import CheckpointManager
 from plugins.distributed import rank_and_world, shard_range
 from tests.distributed_harness import run_distributed
 
@@ -114,7 +114,7 @@ def test_truncated_file_is_detected_from_meta(tmp_path):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    import host.checkpoint as ck
+    import engine.checkpoint as ck
     from tests.test_checkpoint import _save
     kill_at, out = int(sys.argv[1]), sys.argv[2]
     calls = {{"n": 0}}
@@ -210,7 +210,7 @@ def test_rank_file_missing_a_key_falls_back(tmp_path, caplog):
 
 
 def test_non_finite_state_is_never_written_and_names_the_tensor(tmp_path):
-    from host.checkpoint import NonFiniteStateError
+    from engine.checkpoint import NonFiniteStateError
     out = str(tmp_path)
     _save(out, 1)
     head, backbone, opt = _state()
@@ -225,7 +225,7 @@ def test_non_finite_state_is_never_written_and_names_the_tensor(tmp_path):
 
 def test_disk_full_names_the_folder_and_the_space_needed(tmp_path, monkeypatch):
     import errno
-    import host.atomic_io as atomic_io
+    import plugins.atomic_io as atomic_io
 
     class FullFile:
         def __init__(self, real):

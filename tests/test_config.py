@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from host.config import get_config
+from engine.config import get_config
 from plugins.config_defaults import DISTILL_DEFAULTS, apply_distill_defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

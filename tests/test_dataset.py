@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from host.dataset import (FaceRecordDataset, ResumableDistributedSampler, make_loader,
+from data.dataset import (FaceRecordDataset, ResumableDistributedSampler, make_loader,
                           read_property, steps_per_epoch)
-from host.image_codec import decode_rgb
+from data.image_codec import decode_rgb
 from plugins.recordio import RecordReader
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "recordio")
@@ -95,7 +95,7 @@ def test_label_out_of_range(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"train\.rec: key 2, byte offset 8848: label 2\.0 is not "
                                          r"a class id in \[0, 2\).*\(2 bad record\(s\) in all; skip_bad=True drops them\)"):
         FaceRecordDataset(IM2REC, num_classes=2)
-    with caplog.at_level(logging.WARNING, logger="host.dataset"):
+    with caplog.at_level(logging.WARNING, logger="data.dataset"):
         ds = FaceRecordDataset(IM2REC, num_classes=2, skip_bad=True)
     assert ds.keys.tolist() == [7, 4, 3, 6, 1, 0] and ds.dropped == 2
     assert ds.labels.tolist() == [1, 1, 0, 0, 1, 0]
@@ -119,7 +119,7 @@ def test_undecodable_image_raises_or_is_replaced(caplog):
                                          r".*skip_bad=True replaces such records"):
         ds[5]
     ds = FaceRecordDataset(IM2REC, flip=True, skip_bad=True, seed=1)
-    with caplog.at_level(logging.WARNING, logger="host.dataset"):
+    with caplog.at_level(logging.WARNING, logger="data.dataset"):
         img, label, index, flipped = ds[5]
     assert index == 6 and label.item() == 1 and ds.skipped == 1    # the next record, key 1
     assert flipped == bool(ds.flip_flags(0)[6])                     # (index, flipped) name it
@@ -211,7 +211,7 @@ def test_loader_batches_follow_the_sampler():
 # -- image codec ------------------------------------------------------------------------------
 
 def test_codec_decoders_agree_and_bad_bytes_raise():
-    from host.image_codec import decoder_name, encode_jpeg, get_decoder
+    from data.image_codec import decoder_name, encode_jpeg, get_decoder
     import cv2
     yy, xx = np.mgrid[0:48, 0:64]
     rgb = np.stack([xx * 4, yy * 5, 255 - xx * 3], axis=-1).astype(np.uint8)
@@ -234,7 +234,7 @@ def test_codec_decoders_agree_and_bad_bytes_raise():
 
 def test_png_record_decodes_through_the_fallback():
     import cv2
-    from host.image_codec import decode_rgb
+    from data.image_codec import decode_rgb
     rgb = np.zeros((112, 112, 3), dtype=np.uint8)
     rgb[10:20, 30:40] = (200, 100, 50)
     ok, png = cv2.imencode(".png", rgb[:, :, ::-1])

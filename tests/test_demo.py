@@ -2,7 +2,7 @@
 import json
 import os
 
-from host.demo import main
+from tools.demo import main
 
 
 def test_quick_demo_runs_every_stage(tmp_path, capsys, monkeypatch):

@@ -78,7 +78,7 @@ def write_job(fork: str, root: str, name: str, method: str) -> None:
 
 @pytest.fixture(scope="module")
 def standin_fork(tmp_path_factory):
-    from host.synthetic import write_train_set
+    from tools.synthetic import write_train_set
     from plugins.backbones import get_model
     root = str(tmp_path_factory.mktemp("upstream_standin"))
     fork = write_upstream_standin(root)
@@ -102,8 +102,8 @@ def _first_step_gradients(rank, world, fork, root, methods, scale):
     gradient each run passes to clip_grad_norm_ (after DDP's reduction)."""
     os.chdir(fork)
     sys.path.insert(0, fork)
-    import host.factory
-    import host.fork_loop
+    import plugins.builders
+    import plugins.fork_loop
     import partial_fc_v2
     table = torch.load(os.path.join(root, "table.pt"), weights_only=True)
 
@@ -115,16 +115,16 @@ def _first_step_gradients(rank, world, fork, root, methods, scale):
                     weight.copy_(table[part.class_start:part.class_start + part.num_local])
         return module
 
-    plain_init, plain_build = partial_fc_v2.PartialFC_V2.__init__, host.factory.build_head
+    plain_init, plain_build = partial_fc_v2.PartialFC_V2.__init__, plugins.builders.build_head
 
     def init(self, *args, **kwargs):
         plain_init(self, *args, **kwargs)
         same_table(self)
 
     partial_fc_v2.PartialFC_V2.__init__ = init
-    host.factory.build_head = lambda *a, **k: same_table(plain_build(*a, **k))
+    plugins.builders.build_head = lambda *a, **k: same_table(plain_build(*a, **k))
     if not scale:
-        host.fork_loop.undo_ddp_average = lambda embeddings, model: embeddings
+        plugins.fork_loop.undo_ddp_average = lambda embeddings, model: embeddings
     captured = {}
 
     def capture(parameters, max_norm, *args, **kwargs):

@@ -75,7 +75,7 @@ def fork_dump(stderr: str) -> dict:
 
 @pytest.fixture(scope="module")
 def shipped_runs(tmp_path_factory):
-    from host.synthetic import write_train_set
+    from tools.synthetic import write_train_set
     from plugins.backbones import get_model
     root = str(tmp_path_factory.mktemp("shipped_jobs"))
     fork = write_upstream_standin(root)
@@ -118,7 +118,7 @@ def test_jobs_are_found():
 
 @pytest.mark.parametrize("job", JOBS)
 def test_shipped_job_starts_in_the_patched_loop(shipped_runs, job):
-    from host.fork_loop import FORK_MARGIN_SCALE, NOT_HONOURED
+    from plugins.fork_loop import FORK_MARGIN_SCALE, NOT_HONOURED
     run = shipped_runs[job]
     values = job_values(job)
     assert "Traceback" not in run, run
@@ -163,7 +163,7 @@ config.output = {output!r}
 
 
 def test_a_forks_own_job_dumps_and_trains_as_unpatched(tmp_path):
-    from host.synthetic import write_train_set
+    from tools.synthetic import write_train_set
     fork = write_upstream_standin(str(tmp_path))
     path = os.path.join(fork, "train_v2.py")
     assert patcher.main([path]) == 0
@@ -199,7 +199,7 @@ def distill_cfg(**values):
 
 def test_a_job_without_distill_is_not_touched():
     from easydict import EasyDict
-    from host.fork_loop import prepare_fork_config
+    from plugins.fork_loop import prepare_fork_config
     cfg = EasyDict(network="r50", lr_schedule="cosine", grad_clip=1.0, anything=1)
     before = dict(cfg)
     prepare_fork_config(cfg)
@@ -223,7 +223,7 @@ def test_a_job_without_distill_is_not_touched():
     ("margin_scale", 32.0, "PartialFC_V2 margin scale"),
 ])
 def test_each_key_the_loop_ignores_is_warned_by_name(caplog, key, value, says):
-    from host.fork_loop import prepare_fork_config
+    from plugins.fork_loop import prepare_fork_config
     cfg = distill_cfg(**{key: value})
     with caplog.at_level(logging.WARNING, logger="kdface.fork_loop"):
         prepare_fork_config(cfg)
@@ -239,15 +239,15 @@ def test_each_key_the_loop_ignores_is_warned_by_name(caplog, key, value, says):
     ("lr_schedule", "polynomial"), ("nesterov", False), ("grad_clip", 5.0), ("grad_clip", 5),
     ("max_steps", None), ("flip", True), ("skip_bad_records", False), ("margin_scale", 64.0)])
 def test_values_the_loop_gives_anyway_are_not_warned(caplog, key, value):
-    from host.fork_loop import prepare_fork_config
+    from plugins.fork_loop import prepare_fork_config
     with caplog.at_level(logging.WARNING, logger="kdface.fork_loop"):
         prepare_fork_config(distill_cfg(**{key: value}))
     assert not caplog.records
 
 
 def test_grad_reduction_is_refused_everywhere(tmp_path):
-    from host.config import get_config
-    from host.fork_loop import prepare_fork_config
+    from engine.config import get_config
+    from plugins.fork_loop import prepare_fork_config
     from plugins.config_defaults import check_types
     for mode in ("exact", "arcface_torch"):
         with pytest.raises(ValueError, match=r"configs/<job>.py: config key 'grad_reduction' was "
@@ -267,7 +267,7 @@ def test_grad_reduction_is_refused_everywhere(tmp_path):
 
 
 def test_a_teacher_cache_is_refused():
-    from host.fork_loop import prepare_fork_config
+    from plugins.fork_loop import prepare_fork_config
     with pytest.raises(ValueError, match="config key 'teacher_cache' is set, but a patched "
                                          "train_v2.py runs the teacher online"):
         prepare_fork_config(distill_cfg(teacher_cache="cache_dir"))
@@ -276,7 +276,7 @@ def test_a_teacher_cache_is_refused():
 def test_student_names_resolve_fork_first_then_ours(monkeypatch):
     import types
     from easydict import EasyDict
-    from host.fork_loop import model_builder
+    from plugins.fork_loop import model_builder
     from plugins.backbones import resolve_model
 
     def fork_get_model(name, **kwargs):

@@ -1,5 +1,5 @@
 """The head registry: a head registered from this file trains through train_distill.py's code path
-(host.trainer.train) with no other file touched; every registered head builds from a config and
+(engine.trainer.train) with no other file touched; every registered head builds from a config and
 runs one forward/backward under the common contract."""
 import os
 import warnings
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import host.trainer as trainer
-from host.config import get_config
-from host.factory import check_config
+import engine.trainer as trainer
+from engine.config import get_config
+from plugins.builders import check_config
 from plugins.config_defaults import CHOICES, DISTILL_DEFAULTS, KEY_TYPES
 from plugins.distributed import all_reduce_sum_with_grad
 from plugins.heads import (DistillHead, build_head, check_embedding_sizes, head_names, head_spec,
@@ -168,11 +168,11 @@ def test_every_registered_head_builds_and_steps(workdir, name):
 
 
 def test_fork_loop_sums_replicated_grads_once_per_backward():
-    """The patched train_v2.py path (host.fork_loop.fork_head_loss) calls the head's
+    """The patched train_v2.py path (plugins.fork_loop.fork_head_loss) calls the head's
     reduce_replicated_grads after the backward that ends the step, and refuses gradient_acc > 1
     for a head with replicated parameters (its loop has no hook between accumulation steps)."""
     from easydict import EasyDict
-    from host.fork_loop import fork_head_loss, replicated_parameters
+    from plugins.fork_loop import fork_head_loss, replicated_parameters
 
     head = ToyCosineHead(1.0)
     assert replicated_parameters(head) == ("scale",)

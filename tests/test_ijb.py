@@ -13,9 +13,9 @@ import torch
 from sklearn.metrics import roc_curve
 
 from eval import eval_ijbc
-from host import ijb
-from host.image_codec import decode_rgb
-from host.synthetic import write_ijb
+from eval import ijb
+from data.image_codec import decode_rgb
+from tools.synthetic import write_ijb
 from plugins.backbones import get_model
 
 FAR_KEYS = ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"]

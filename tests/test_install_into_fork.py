@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -148,7 +149,8 @@ def snapshot(folder: str) -> dict:
 def run_install(fork: str, *flags: str) -> tuple:
     out = io.StringIO()
     installer.check_target(fork)
-    code = installer.install(fork, dry_run="--dry-run" in flags, out=out)
+    code = installer.install(fork, dry_run="--dry-run" in flags, out=out,
+                             plugins_only="--plugins-only" in flags)
     return code, out.getvalue()
 
 
@@ -171,9 +173,9 @@ def test_install_copies_everything_and_keeps_the_forks_files(tmp_path):
     after = snapshot(fork)
     for rel, data in before.items():  # nothing of the fork was overwritten
         assert after[rel] == data, rel
-    expected = installer._tree_files("plugins") + installer._tree_files("host") + \
-        ["train_distill.py"] + installer._job_configs()
-    assert "plugins/backbones/__init__.py" in expected and "host/config.py" in expected
+    expected = installer._tree_files("plugins") + installer._tree_files("engine") + \
+        installer._tree_files("data") + ["train_distill.py"] + installer._job_configs()
+    assert "plugins/backbones/__init__.py" in expected and "engine/config.py" in expected
     assert "configs/ms1mv2_mbf_adadistill.py" in expected
     for rel in expected:
         with open(os.path.join(REPO, rel), "rb") as handle:
@@ -200,7 +202,7 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     code = installer.main([fork, "--dry-run"])
     report = capsys.readouterr().out
     assert code == 0 and snapshot(fork) == before
-    assert "would copy host/config.py" in " ".join(report.split())
+    assert "would copy engine/config.py" in " ".join(report.split())
     assert "(dry run)" in report
     assert "refused    patches/patch_train_v2.py: the fork has a file patches" in report
     copied, _, refused = summary(report)
@@ -210,19 +212,19 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
 
 def test_essential_collision_refuses_and_writes_nothing(tmp_path):
     fork = write_fork(str(tmp_path))
-    os.makedirs(os.path.join(fork, "host"))
-    with open(os.path.join(fork, "host", "config.py"), "w") as handle:
-        handle.write("# the fork's own host package\n")
+    os.makedirs(os.path.join(fork, "engine"))
+    with open(os.path.join(fork, "engine", "config.py"), "w") as handle:
+        handle.write("# the fork's own engine package\n")
     with open(os.path.join(fork, "plugins.py"), "w") as handle:
         handle.write("# a fork module named like our package\n")
     before = snapshot(fork)
     code, report = run_install(fork)
     assert code == 1
     assert snapshot(fork) == before  # all or nothing: plugins/ was not copied either
-    assert "REFUSED    host/config.py: the fork has its own file" in report
+    assert "REFUSED    engine/config.py: the fork has its own file" in report
     assert "REFUSED    plugins.py: the fork's module plugins.py has the name of our package" \
         in report
-    assert "error: 2 essential file(s) refused (plugins.py, host/config.py)" in report
+    assert "error: 2 essential file(s) refused (plugins.py, engine/config.py)" in report
     assert "Nothing was written" in report and "rename them in the fork" in report
 
 
@@ -269,8 +271,8 @@ import json, sys
 import torch
 from easydict import EasyDict
 from utils.utils_config import get_config as fork_get_config
-from host.config import get_config
-from host.factory import build_teacher_source
+from engine.config import get_config
+from plugins.builders import build_teacher_source
 from plugins.config_defaults import DISTILL_DEFAULTS, apply_distill_defaults
 import backbones
 
@@ -314,7 +316,7 @@ def fork_env() -> dict:
 
 def tiny_training_setup(root: str) -> dict:
     """Synthetic RecordIO data (4 ids x 4 images) and a tiny_t teacher checkpoint [D = 64]."""
-    from host.synthetic import write_train_set
+    from tools.synthetic import write_train_set
     from plugins.backbones import get_model
     write_train_set(os.path.join(root, "data"), num_ids=4, images_per_id=4, seed=0)
     torch.manual_seed(0)
@@ -365,3 +367,46 @@ def test_train_distill_runs_in_the_fork_with_its_network(installed_fork):
     state = torch.load(os.path.join(root, "out", "model.pt"), weights_only=True)
     assert "fork_fc.weight" in state and tuple(state["fork_fc.weight"].shape) == (64, 784)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_plugins_only_install_copies_the_plugin_and_configs(tmp_path):
+    fork = write_fork(str(tmp_path))
+    code, report = run_install(fork, "--plugins-only")
+    assert code == 0, report
+    copied = {line.split()[1] for line in report.splitlines() if line.strip().startswith("copied")}
+    assert set(installer._tree_files("plugins")) <= copied
+    assert set(installer._job_configs()) <= copied
+    assert "patches/patch_train_v2.py" in copied
+    assert not [rel for rel in copied if rel.split("/")[0] in ("engine", "data", "eval", "tools")
+                or rel == "train_distill.py"]
+    os.makedirs(os.path.join(fork, "engine"))     # the fork's own engine/ is no clash here
+    with open(os.path.join(fork, "plugins", "teacher.py"), "w") as handle:
+        handle.write("# a fork's own plugins/teacher.py\n")
+    code, report = run_install(fork, "--plugins-only")
+    assert code == 1 and "REFUSED    plugins/teacher.py" in report
+    assert f"rm -r {os.path.join(fork, 'plugins')})" in report
+
+
+PLUGIN_IMPORTS = '''\
+import importlib, json, pkgutil, sys
+import plugins
+names = ["plugins"] + [m.name for m in pkgutil.walk_packages(plugins.__path__, "plugins.")]
+for name in names:
+    importlib.import_module(name)
+ours = sorted({m.split(".")[0] for m in sys.modules} & {"engine", "data", "eval", "tools",
+                                                         "easydict", "cv2", "host"})
+print(json.dumps({"modules": len(names), "foreign": ours}))
+'''
+
+
+def test_plugins_alone_import_without_the_rest_of_the_toolkit(tmp_path):
+    """Every module of plugins/ imports from a folder holding plugins/ only, and pulls in none of
+    engine/, data/, eval/, tools/ (nor easydict / cv2)."""
+    import json
+    shutil.copytree(os.path.join(REPO, "plugins"), tmp_path / "plugins",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([PYTHON, "-c", PLUGIN_IMPORTS], cwd=str(tmp_path), env=fork_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["modules"] > 30 and result["foreign"] == []

@@ -11,8 +11,8 @@ import pytest
 from scipy import stats
 
 from bench import kd_quality
-from host import kd_bench
-from host.kd_bench import (aggregate, cached_result, config_digest, gap_closed, mean_std,
+from tools import kd_bench
+from tools.kd_bench import (aggregate, cached_result, config_digest, gap_closed, mean_std,
                            paired_comparison)
 
 
@@ -180,7 +180,7 @@ def test_student_jobs_pair_seeds_and_point_at_the_teacher():
 
 
 def test_every_method_config_is_a_valid_trainer_config():
-    from host.kd_bench_jobs import run_config
+    from tools.kd_bench_jobs import run_config
     task = kd_bench.merged_task(False)
     methods = kd_bench.method_table(task["data"]["num_ids"])
     names = [m.name for m in methods]
@@ -307,14 +307,14 @@ def test_markdown_and_plot(tmp_path):
 
 def test_ijb_eval_from_cached_aligned_images_equals_the_ijb_pipeline(tmp_path):
     """The benchmark's IJB evaluation (aligned images kept in a .npy) gives the numbers of
-    host.ijb's own pipeline (extract_features -> score_features -> evaluate_scores)."""
+    eval.ijb's own pipeline (extract_features -> score_features -> evaluate_scores)."""
     import torch
 
-    from host.ijb import (AlignedFaceDataset, evaluate_scores, extract_features, far_key,
+    from eval.ijb import (AlignedFaceDataset, evaluate_scores, extract_features, far_key,
                           load_meta, score_features)
-    from host.kd_bench_jobs import ALIGNED_FILE, ijb_tar_at_far, register_backbones
-    from host.model_io import TorchEmbedder
-    from host.synthetic import write_ijb
+    from tools.kd_bench_jobs import ALIGNED_FILE, ijb_tar_at_far, register_backbones
+    from eval.model_io import TorchEmbedder
+    from tools.synthetic import write_ijb
     from plugins.backbones import get_model
 
     root = str(tmp_path / "IJBC")

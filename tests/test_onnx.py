@@ -12,8 +12,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from eval import export_onnx as export_cli
-from host import onnx_export
-from host.model_io import OnnxEmbedder, TorchEmbedder, load_embedder
+from eval import onnx_export
+from eval.model_io import OnnxEmbedder, TorchEmbedder, load_embedder
 from plugins.backbones import get_model
 
 

@@ -1,5 +1,5 @@
 """An insightface ONNX recognition model as the teacher (teacher_network = "onnx"): our tiny_t
-exported by host/onnx_export.py is the teacher; its cache equals the torch teacher's, training
+exported by eval/onnx_export.py is the teacher; its cache equals the torch teacher's, training
 from it runs through train_distill.py, the .onnx digest guards the cache, and the input
 convention is read as insightface reads it and refused when it does not fit our images."""
 import hashlib
@@ -14,12 +14,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from host.config import get_config
-from host.dataset import FaceRecordDataset
-from host.model_io import load_backbone
-from host.onnx_export import export_onnx
-from host.teacher_cache_build import build_from_config
-from host.trainer import train
+from engine.config import get_config
+from data.dataset import FaceRecordDataset
+from eval.model_io import load_backbone
+from eval.onnx_export import export_onnx
+from engine.teacher_cache_build import build_from_config
+from engine.trainer import train
 from plugins.onnx_teacher import OnnxTeacher, read_input_convention
 from plugins.teacher import build_teacher
 from plugins.teacher_cache import EMBEDDINGS_FILE, META_FILE

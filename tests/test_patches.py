@@ -183,9 +183,12 @@ class PolyScheduler(torch.optim.lr_scheduler.LambdaLR):
 ''',
     "dataset.py": '''\
 """Stand-in of the fork's loader: yields (img, labels) only, as arcface_torch's does."""
+import sys
+
 from torch.utils.data import DataLoader, Dataset
 
-from host.dataset import FaceRecordDataset
+sys.path.append("@REPO@")  # the stand-in borrows kdface's reader (last: the fork's plugins/ win)
+from data.dataset import FaceRecordDataset  # noqa: E402
 
 
 class ImagesAndLabels(Dataset):
@@ -240,15 +243,15 @@ def block_of(text: str, needle: str) -> str:
 def test_patch_places_every_change_by_meaning():
     out = patcher.patch_source(TRAIN_V2)
     assert out.count("# >>> kdface distill") == out.count("# <<< kdface distill") == 7
-    assert block_of(out, "from host.factory") == (
+    assert block_of(out, "from plugins.builders") == (
         "# >>> kdface distill\n"
-        "from host.factory import build_head\n"
-        "from host.fork_loop import (build_fork_teacher, distill_method, fork_head_loss, "
+        "from plugins.builders import build_head\n"
+        "from plugins.fork_loop import (build_fork_teacher, distill_method, fork_head_loss, "
         "model_builder,\n"
-        "                            prepare_fork_config)\n"
+        "                               prepare_fork_config)\n"
         "# <<< kdface distill\n")
     # right after the last import, before the process-group block
-    assert "import setup_seed\n# >>> kdface distill\nfrom host.factory" in out
+    assert "import setup_seed\n# >>> kdface distill\nfrom plugins.builders" in out
     config = block_of(out, "prepare_fork_config(cfg)")
     assert out.index("    cfg = get_config(args.config)\n") + len(
         "    cfg = get_config(args.config)\n") == out.index(config)
@@ -513,9 +516,13 @@ def patched_fork(tmp_path_factory):
     fork = write_fork(root, delegate_unknown_networks=True)
     for rel, text in {"train_v2.py": TRAIN_V2, **FORK_MODULES}.items():
         with open(os.path.join(fork, rel), "w") as handle:
-            handle.write(text)
-    code, report = run_install(fork)
+            handle.write(text.replace("@REPO@", REPO))
+    # the patched train_v2.py needs the plugin alone: nothing of engine/, data/, eval/, tools/
+    code, report = run_install(fork, "--plugins-only")
     assert code == 0, report
+    for ours in ("engine", "data", "tools", "train_distill.py"):
+        assert not os.path.exists(os.path.join(fork, ours)), ours
+    assert os.path.isfile(os.path.join(fork, "plugins", "fork_loop.py"))
     assert patcher.main([os.path.join(fork, "train_v2.py")]) == 0
     setup = tiny_training_setup(root)
     for name, distill, cache in (("kd_adadistill", "adadistill", None),
@@ -533,9 +540,9 @@ def first_step_loss(fork: str, job: str) -> float:
     """The first loss the patched script must log, recomputed here from the same seed, data,
     networks and head: ``head(tiny_s(img), labels, teacher=tiny_t(img))``."""
     import torch
-    from host.config import get_config
-    from host.dataset import FaceRecordDataset
-    from host.factory import build_head, build_teacher_source
+    from engine.config import get_config
+    from data.dataset import FaceRecordDataset
+    from plugins.builders import build_head, build_teacher_source
     from plugins.backbones import get_model
     cfg = get_config(f"configs/{job}", root=fork)
     torch.manual_seed(cfg.seed)  # the stand-in's setup_seed, then the same construction order

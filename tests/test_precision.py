@@ -1,4 +1,4 @@
-"""The GPU recipe's precision and memory branches run on the CPU (host/precision.py): float16
+"""The GPU recipe's precision and memory branches run on the CPU (engine/precision.py): float16
 autocast + GradScaler("cpu") with the found-inf decision shared by real gloo ranks, channels_last,
 the teacher under float16 autocast, pin_memory requested where it is a no-op, and a whole
 2-process training run on that path with a resume."""
@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from host.dataset import (FaceRecordDataset, ResumableDistributedSampler, can_pin_memory,
+from data.dataset import (FaceRecordDataset, ResumableDistributedSampler, can_pin_memory,
                           make_loader)
-from host.precision import AMP_DTYPES, precision_plan, scaler_step, share_found_inf
+from engine.precision import AMP_DTYPES, precision_plan, scaler_step, share_found_inf
 from plugins.backbones import get_model
 from plugins.teacher import TeacherHook, build_teacher
 from tests.distributed_harness import run_distributed
@@ -138,7 +138,7 @@ def _fp16_steps(rank, world, share):
     """The trainer's step on the CPU float16 path: DDP tiny_s student + the real sharded margin
     head (its class shard is outside DDP).  Rank 1 alone gets an inf in its head-shard gradient at
     OVERFLOW_STEP.  Returns per step: stepped, scale after, and whether the weights moved."""
-    import host.precision as precision
+    import engine.precision as precision
     from torch.nn.parallel import DistributedDataParallel
     from plugins.heads import MarginSoftmaxHead
 
@@ -257,7 +257,7 @@ def test_pin_memory_request_is_a_quiet_no_op_without_an_accelerator(monkeypatch)
         for x, y in zip(a, b):
             assert torch.equal(x, y)
     # where an accelerator exists, the same line passes the request on
-    monkeypatch.setattr("host.dataset.can_pin_memory", lambda: True)
+    monkeypatch.setattr("data.dataset.can_pin_memory", lambda: True)
     sampler = ResumableDistributedSampler(len(ds), batch_size=4, num_replicas=1, rank=0)
     assert make_loader(ds, sampler, batch_size=4, num_workers=0, pin_memory=True).pin_memory
 
@@ -265,7 +265,7 @@ def test_pin_memory_request_is_a_quiet_no_op_without_an_accelerator(monkeypatch)
 # ------------------------------------------------------------------ the whole loop
 
 def _train(rank, world, cfg):
-    from host.trainer import train
+    from engine.trainer import train
     return train(cfg)
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from host.config import get_config
-from host.factory import build_head, check_config
+from engine.config import get_config
+from plugins.builders import build_head, check_config
 from plugins.gkd import grouped_kd_loss
 from plugins.heads import GKDHead, MarginSoftmaxHead
 from tests.distributed_harness import run_distributed
@@ -126,7 +126,7 @@ def _paper_job(root, paper, name, **overrides):
 
 def _train_recording_lr(rank, world, cfg):
     """Run the real trainer; record the lr of every optimizer.step (what the run trains with)."""
-    from host.trainer import train
+    from engine.trainer import train
     used, original = [], torch.optim.SGD.step
 
     def step(self, *args, **kwargs):

@@ -11,7 +11,7 @@ import struct
 import numpy as np
 import pytest
 
-from host.image_codec import decode_rgb
+from data.image_codec import decode_rgb
 from plugins.recordio import (MAGIC, IRHeader, RecordReader, RecordWriter, frame, make_header,
                               pack, pack_record, read_idx, unpack)
 

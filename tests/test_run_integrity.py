@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-import host.dataset as host_dataset
-import host.trainer as trainer
+import data.dataset as host_dataset
+import engine.trainer as trainer
 from tests.training_helpers import REPO, job_config
 
 
@@ -69,7 +69,7 @@ def test_inf_batch_is_skipped_and_every_saved_tensor_is_finite(workdir, monkeypa
 
 
 def test_step_guard_restores_batchnorm_and_centers_bitwise():
-    from host.step_guard import BufferSnapshot
+    from engine.step_guard import BufferSnapshot
     from plugins.heads import AdaDistillHead
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
@@ -141,7 +141,7 @@ def test_resume_with_a_state_shaping_change_names_the_key(workdir, change):
 
 
 def test_identity_names_every_differing_state_key_and_ignores_the_others():
-    from host.run_identity import check_resume, run_identity
+    from engine.run_identity import check_resume, run_identity
     cfg = dict(distill="none", network="tiny_s", embedding_size=512, num_classes=16,
                optimizer="sgd", rec="/nonexistent/data", lr=0.1)
     saved = run_identity(cfg, 128)
@@ -167,7 +167,7 @@ def test_resume_with_another_lr_is_allowed_and_logged(workdir):
 HOLDER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
-    from host.run_lock import OutputLock
+    from engine.run_lock import OutputLock
     lock = OutputLock(sys.argv[1])
     lock.acquire()
     print("locked", flush=True)
@@ -195,8 +195,8 @@ SIGTERMED = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
     os.chdir(sys.argv[1])
-    import host.trainer as trainer
-    from host.config import get_config
+    import engine.trainer as trainer
+    from engine.config import get_config
     real, calls = trainer.head_loss, {{"n": 0}}
     def head_loss(*args, **kwargs):
         calls["n"] += 1
@@ -273,7 +273,7 @@ def test_wrong_teacher_architecture_hint_names_teacher_network(workdir):
 
 
 def _signal_one_rank_worker(rank, world, ref, cfg, resumed):
-    import host.trainer as tr
+    import engine.trainer as tr
     tr.train(ref)
     real, calls = tr.head_loss, {"n": 0}
 

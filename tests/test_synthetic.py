@@ -8,9 +8,9 @@ import warnings
 import numpy as np
 import pytest
 
-from host import synthetic as syn
-from host.dataset import FaceRecordDataset
-from host.image_codec import decode_rgb
+from tools import synthetic as syn
+from data.dataset import FaceRecordDataset
+from data.image_codec import decode_rgb
 from plugins.recordio import RecordReader
 
 
@@ -145,7 +145,7 @@ def test_parallel_train_set_from_stdin_script_does_not_hang(tmp_path):
     import sys
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = (f"import sys; sys.path.insert(0, {repo!r})\n"
-              f"from host.synthetic import write_train_set\n"
+              f"from tools.synthetic import write_train_set\n"
               f"print(write_train_set({str(tmp_path / 'x')!r}, 2, 3, workers=2)['num_images'])\n")
     out = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True,
                          timeout=120)

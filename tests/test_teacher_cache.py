@@ -12,11 +12,11 @@ import pytest
 import torch
 from easydict import EasyDict
 
-from host.dataset import FaceRecordDataset
-from host.synthetic import write_train_set
-from host.teacher_cache_build import (build_from_config, build_teacher_cache,
-                                      class_mean_classifier_from_cache, expected_meta,
-                                      open_teacher_cache)
+from data.dataset import FaceRecordDataset
+from tools.synthetic import write_train_set
+from engine.teacher_cache_build import build_from_config, build_teacher_cache
+from plugins.teacher_cache import (class_mean_classifier_from_cache, expected_meta,
+                                   open_teacher_cache)
 from plugins.backbones import resolve_model
 from plugins.teacher import build_teacher
 from plugins.teacher_cache import (EMBEDDINGS_FILE, LABELS_FILE, META_FILE, TeacherEmbeddingCache,
@@ -136,8 +136,8 @@ def test_killed_build_resumes_byte_identical_without_recomputing(setup, tmp_path
 _KILLED_BUILD = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from host.dataset import FaceRecordDataset
-from host.teacher_cache_build import build_teacher_cache
+from data.dataset import FaceRecordDataset
+from engine.teacher_cache_build import build_teacher_cache
 from plugins.teacher import build_teacher
 from plugins.teacher_cache import cache_identity
 data, checkpoint, path, ready = sys.argv[2:6]

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from host.teacher_cache_build import build_from_config
-from host.trainer import train
+from engine.teacher_cache_build import build_from_config
+from engine.trainer import train
 from tests.training_helpers import job_config
 
 

@@ -15,7 +15,7 @@ from tests.distributed_harness import run_distributed
 from tests.training_helpers import NUM_IDS, REPO, job_config
 
 def _train_methods(rank, world, configs):
-    from host.trainer import train
+    from engine.trainer import train
     return {cfg.distill: train(cfg) for cfg in configs}
 
 
@@ -78,7 +78,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(workdir, method):
 
 
 def _train_one(rank, world, cfg):
-    from host.trainer import train
+    from engine.trainer import train
     return train(cfg)
 
 

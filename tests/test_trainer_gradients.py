@@ -1,4 +1,4 @@
-"""Our trainer (host/trainer.py) gives the student the same gradient on 1 and 2 gloo ranks for
+"""Our trainer (engine/trainer.py) gives the student the same gradient on 1 and 2 gloo ranks for
 GKD (the config that used to select the removed 1/W mode): the gradient of the global-batch mean
 loss, summed over ranks by the exact-gradient comm hook.
 
@@ -44,11 +44,11 @@ def _plain_net(num_features: int = 512, fp16: bool = False) -> torch.nn.Module:
 
 
 def _trainer_gradient(rank, world, cfg, table, exact):
-    import host.trainer
+    import engine.trainer
     from plugins.backbones import list_models, register_model
     if "plain_test" not in list_models():
         register_model("plain_test")(_plain_net)
-    plain_build = host.trainer.build_head
+    plain_build = engine.trainer.build_head
 
     def build_head(*args, **kwargs):   # the student classifier: rows of one table on any W
         head = plain_build(*args, **kwargs)
@@ -56,10 +56,10 @@ def _trainer_gradient(rank, world, cfg, table, exact):
             head.weight.copy_(table[head.class_start:head.class_start + head.num_local])
         return head
 
-    host.trainer.build_head = build_head
+    engine.trainer.build_head = build_head
     if not exact:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-        host.trainer.exact_gradient_hook = allreduce_hook   # DDP's own average
+        engine.trainer.exact_gradient_hook = allreduce_hook   # DDP's own average
     captured = {}
 
     def capture(parameters, max_norm, *args, **kwargs):
@@ -70,7 +70,7 @@ def _trainer_gradient(rank, world, cfg, table, exact):
     cfg = type(cfg)(dict(cfg, batch_size=GLOBAL_BATCH // world,
                          output=os.path.join(cfg.output, f"w{world}_{int(exact)}")))
     try:
-        host.trainer.train(cfg)
+        engine.trainer.train(cfg)
     except _Captured:
         return captured["grad"]
     raise AssertionError("the trainer never reached clip_grad_norm_")
@@ -78,8 +78,8 @@ def _trainer_gradient(rank, world, cfg, table, exact):
 
 @pytest.fixture(scope="module")
 def gkd_setup(tmp_path_factory):
-    from host.config import get_config
-    from host.synthetic import write_train_set
+    from engine.config import get_config
+    from tools.synthetic import write_train_set
     from plugins.backbones import get_model
     root = tmp_path_factory.mktemp("trainer_gkd")
     write_train_set(str(root / "data"), num_ids=NUM_CLASSES, images_per_id=1, seed=6)

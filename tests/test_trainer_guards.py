@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import host.trainer as trainer
+import engine.trainer as trainer
 from tests.training_helpers import job_config
 
 

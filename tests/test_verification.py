@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from eval import verification as verification_cli
-from host import verification as ver
-from host.image_codec import decode_rgb, encode_jpeg
-from host.model_io import TorchEmbedder
-from host.synthetic import write_verification_bin
+from eval import bin_verification as ver
+from data.image_codec import decode_rgb, encode_jpeg
+from eval.model_io import TorchEmbedder
+from tools.synthetic import write_verification_bin
 from plugins.backbones import get_model
 
 
@@ -180,7 +179,7 @@ def test_callback_evaluates_logs_and_keeps_best(bin_dir, tiny, caplog):
     callback = ver.VerificationCallback(["lfw", "cfp_fp"], str(bin_dir), batch_size=16,
                                         summary_writer=writer)
     tiny.train()
-    with caplog.at_level(logging.INFO, logger="host.verification"):
+    with caplog.at_level(logging.INFO, logger="eval.bin_verification"):
         results = callback(7, tiny)
     assert tiny.training                                   # mode restored
     expected = ver.verify(ver.load_bin(str(bin_dir / "lfw.bin")),
@@ -197,9 +196,9 @@ def test_callback_evaluates_logs_and_keeps_best(bin_dir, tiny, caplog):
 
 def test_cli_prints_table_and_writes_json(bin_dir, tiny, tmp_path, capsys):
     torch.save(tiny.state_dict(), tmp_path / "model.pt")
-    results = verification_cli.main(["--model-prefix", str(tmp_path / "model.pt"), "--network",
-                                     "tiny_s", "--data-dir", str(bin_dir), "--targets",
-                                     "lfw,cfp_fp", "--json", str(tmp_path / "ver.json")])
+    results = ver.main(["--model-prefix", str(tmp_path / "model.pt"), "--network",
+                        "tiny_s", "--data-dir", str(bin_dir), "--targets",
+                        "lfw,cfp_fp", "--json", str(tmp_path / "ver.json")])
     assert "Accuracy-Flip (%)" in capsys.readouterr().out
     saved = json.loads((tmp_path / "ver.json").read_text())
     assert list(saved["results"]) == ["lfw", "cfp_fp"]

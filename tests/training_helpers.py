@@ -2,8 +2,8 @@
 import os
 import shutil
 
-from host.config import get_config
-from host.synthetic import write_train_set
+from engine.config import get_config
+from tools.synthetic import write_train_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IDS, PER_ID = 16, 8
@@ -12,7 +12,7 @@ NUM_IDS, PER_ID = 16, 8
 def make_workdir(root):
     """Synthetic data and a teacher trained briefly with the standalone head (its model.pt and
     learned classifier.pt are what the distillation runs load)."""
-    from host.trainer import train
+    from engine.trainer import train
     write_train_set(str(root / "data"), NUM_IDS, PER_ID, seed=3)
     (root / "configs").mkdir()
     shutil.copy(os.path.join(REPO, "configs", "base.py"), root / "configs" / "base.py")

@@ -273,7 +273,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from host.dataset import FaceRecordDataset
+from data.dataset import FaceRecordDataset
 
 
 class MXFaceDataset(Dataset):

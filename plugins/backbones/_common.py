@@ -27,7 +27,7 @@ def trunk_autocast(x: torch.Tensor, fp16: Union[bool, torch.dtype]) -> ContextMa
     The device type is taken from the input ``x``; ``fp16=True`` autocasts to
     ``default_autocast_dtype`` of that device type (float16 on CUDA, bfloat16 on CPU, fp32 where
     torch has no autocast); ``fp16`` given as a ``torch.dtype`` autocasts to that dtype on any
-    device (``host/precision.py`` passes ``torch.float16`` to run the CUDA recipe on a CPU).
+    device (``engine/precision.py`` passes ``torch.float16`` to run the CUDA recipe on a CPU).
     ``fp16=False`` is a no-op context.
     """
     device_type = x.device.type

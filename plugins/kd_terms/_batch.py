@@ -15,7 +15,7 @@ loss defined on the GLOBAL batch of ``N = W * B`` samples.
    communication.  Used where the loss has batch-global statistics (RKD distance, EKD).
 
 Either way the trainer then SUMS the backbone gradients over ranks (the exact-gradient hook,
-``host.runtime.exact_gradient_hook``) to get the gradient of the global loss.
+``plugins.ddp_gradient.exact_gradient_hook``) to get the gradient of the global loss.
 """
 from __future__ import annotations
 

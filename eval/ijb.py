@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from host.image_codec import decode_rgb
-from host.atomic_io import atomic_output, save_npy, save_text
-from host.model_io import Embedder
+from data.image_codec import decode_rgb
+from plugins.atomic_io import atomic_output, save_npy, save_text
+from eval.model_io import Embedder
 
 LOG = logging.getLogger(__name__)
 

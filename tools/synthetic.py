@@ -15,7 +15,7 @@ disjoint from the training set); pass ``first_id=0`` to evaluate on training ide
 
 Command line (writes ``train.rec/.idx``, ``property``, ``<name>.bin`` and ``<IJB>/``)::
 
-    python -m host.synthetic --out data/synth --num-ids 50 --images-per-id 20 \\
+    python -m tools.synthetic --out data/synth --num-ids 50 --images-per-id 20 \\
         --bins lfw,cfp_fp --num-pairs 300 --ijb IJBC --ijb-ids 40
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from host.image_codec import encode_jpeg
+from data.image_codec import encode_jpeg
+from plugins.atomic_io import save_bytes
 from plugins.recordio import RecordWriter, make_header
 
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -312,13 +313,6 @@ class _Progress:
                   file=sys.stderr, flush=True)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _identity_jpegs(seed: int, identity: int, count: int) -> List[bytes]:
     """JPEG bytes of the first ``count`` training images of ``identity``."""
     params = identity_params(identity, seed)
@@ -389,7 +383,7 @@ def write_train_set(root: str, num_ids: int, images_per_id: int, seed: int = 0,
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    _atomic_write(os.path.join(root, "property"), f"{num_ids},112,112".encode())
+    save_bytes(os.path.join(root, "property"), f"{num_ids},112,112".encode())
     labels = np.repeat(np.arange(num_ids, dtype=np.int64), images_per_id)
     return {"root": root, "num_classes": num_ids, "num_images": n, "labels": labels}
 
@@ -429,7 +423,7 @@ def write_verification_bin(path: str, num_pairs: int, seed: int = 0, num_ids: in
             img = render_face(params, _image_rng(seed, _TAG_BIN, variant, ident, 2 * i + side))
             bins.append(encode_jpeg(img))
             progress.step()
-    _atomic_write(path, pickle.dumps((bins, issame.tolist()), protocol=4))
+    save_bytes(path, pickle.dumps((bins, issame.tolist()), protocol=4))
 
 
 def write_ijb(root: str, target: str = "IJBC", num_ids: int = 20, templates_per_id: int = 2,
@@ -488,7 +482,7 @@ def write_ijb(root: str, target: str = "IJBC", num_ids: int = 20, templates_per_
                                        side / 2 - _CENTER + shift[1])
                     img = render_face(params, _image_rng(seed, _TAG_IJB, first_id + ident,
                                                          img_no), (side, side), place)
-                    _atomic_write(os.path.join(crops, name), encode_jpeg(img))
+                    save_bytes(os.path.join(crops, name), encode_jpeg(img), durable=False)
                     pts = apply_affine(place, ARCFACE_TEMPLATE)
                     score = rng.uniform(0.6, 1.0)
                     tid_mid.append(f"{name} {tid} {mid}")
@@ -507,7 +501,7 @@ def write_ijb(root: str, target: str = "IJBC", num_ids: int = 20, templates_per_
     order = rng.permutation(len(pairs))
     for suffix, lines in (("face_tid_mid", tid_mid), ("name_5pts_score", landmarks),
                           ("template_pair_label", [pairs[i] for i in order])):
-        _atomic_write(os.path.join(meta, f"{prefix}_{suffix}.txt"),
+        save_bytes(os.path.join(meta, f"{prefix}_{suffix}.txt"),
                       ("\n".join(lines) + "\n").encode())
     return {"root": root, "num_images": n_images, "num_templates": owner.size,
             "num_pairs": len(pairs), "num_genuine": len(gen_pairs), "templates": owner}

@@ -1,6 +1,6 @@
 """What surrounds one training run: the output-folder lock, removal of temporary files a killed
 run left behind, the refusal to start a fresh run over another run's checkpoints, and the
-SIGTERM / SIGINT handlers (host/stop_signal).
+SIGTERM / SIGINT handlers (engine/stop_signal).
 
     with run_guard(cfg, rank, world) as stop:
         ...train; after each optimizer step: if stop.requested(device): save and leave...
@@ -16,10 +16,10 @@ from typing import Iterator, List
 import torch
 import torch.distributed as dist
 
-from host.atomic_io import is_temporary_name
-from host.checkpoint import CheckpointManager, collective_device
-from host.run_lock import OutputLock
-from host.stop_signal import StopRequest
+from plugins.atomic_io import is_temporary_name
+from engine.checkpoint import CheckpointManager, collective_device
+from engine.run_lock import OutputLock
+from engine.stop_signal import StopRequest
 
 LOG = logging.getLogger("train_distill")
 
@@ -83,9 +83,9 @@ def check_fresh_output(cfg, rank: int, world: int) -> None:
 def run_guard(cfg, rank: int, world: int) -> Iterator[StopRequest]:
     """Lock ``cfg.output`` (rank 0; all ranks fail together), clean up, check the folder, and
     record SIGTERM / SIGINT while the run lasts; yields the StopRequest."""
-    from host.runtime import setup_logging
+    from engine.runtime import setup_logging
     from plugins.config_defaults import check_types
-    check_types(cfg, "config")          # also for configs not loaded by host.config.get_config
+    check_types(cfg, "config")          # also for configs not loaded by engine.config.get_config
     lock, error = OutputLock(cfg.output), ""
     if rank == 0:
         try:

@@ -42,7 +42,7 @@ from torch import nn
 
 from plugins.backbones._common import default_autocast_dtype
 
-AMP_DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from plugins.builders import AMP_DTYPES  # config key amp_dtype -> autocast dtype
 
 
 @dataclass(frozen=True)

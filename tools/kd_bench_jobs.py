@@ -4,12 +4,12 @@ Each job runs in its own process with ONE intra-op thread and no DataLoader work
 (``pin_process``), so its numbers do not depend on how many jobs run beside it:
 
 - ``make_data(task, root)``: the synthetic training set (``train.rec``), ``lfw.bin`` and an
-  ``IJBC/`` folder, identities of the evaluation sets disjoint from training (host/synthetic.py);
-- ``train_teacher(job)``: the teacher alone, then its teacher-embedding cache (host/trainer.py,
-  host/teacher_cache_build.py);
-- ``train_and_eval(job)``: one student run (a method and a seed) through host.trainer.train,
-  evaluated by ``evaluate_model``: TAR@FAR on the synthetic IJB-C folder (host/ijb.py, the
-  published pipeline) and the 10-fold ``lfw.bin`` accuracy (host/verification.py).
+  ``IJBC/`` folder, identities of the evaluation sets disjoint from training (tools/synthetic.py);
+- ``train_teacher(job)``: the teacher alone, then its teacher-embedding cache (engine/trainer.py,
+  engine/teacher_cache_build.py);
+- ``train_and_eval(job)``: one student run (a method and a seed) through engine.trainer.train,
+  evaluated by ``evaluate_model``: TAR@FAR on the synthetic IJB-C folder (eval/ijb.py, the
+  published pipeline) and the 10-fold ``lfw.bin`` accuracy (eval/bin_verification.py).
 
 Backbones of the benchmark are TinyFaceNet widths registered here under ``kdb_*`` names (the
 demo's tiny_s / tiny_t have fixed widths).
@@ -71,7 +71,7 @@ def make_data(task: Mapping[str, Any], root: str) -> str:
     """Write the task's data into ``root`` once (a ``done.json`` marker, written last, holds the
     task); return ``root``.  Parallel rendering (``task['render_workers']``) gives identical
     files."""
-    from host.synthetic import write_ijb, write_train_set, write_verification_bin
+    from tools.synthetic import write_ijb, write_train_set, write_verification_bin
 
     marker = os.path.join(root, "done.json")
     if os.path.isfile(marker):
@@ -92,7 +92,7 @@ def make_data(task: Mapping[str, Any], root: str) -> str:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    from host.atomic_io import save_text
+    from plugins.atomic_io import save_text
     save_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
@@ -126,12 +126,12 @@ ALIGNED_FILE = "aligned_{size}.npy"
 
 def aligned_ijb_images(ijb_root: str, target: str = "IJBC", image_size: int = 112):
     """``(meta, uint8 [N, 3, S, S])``: every image of the IJB folder decoded and aligned
-    (host.ijb.AlignedFaceDataset), computed once and kept as ``<ijb_root>/aligned_<S>.npy``
+    (eval.ijb.AlignedFaceDataset), computed once and kept as ``<ijb_root>/aligned_<S>.npy``
     (written atomically, so runs side by side can race to create it)."""
     import numpy as np
 
-    from host.atomic_io import save_npy
-    from host.ijb import AlignedFaceDataset, load_meta
+    from plugins.atomic_io import save_npy
+    from eval.ijb import AlignedFaceDataset, load_meta
 
     meta = load_meta(ijb_root, target)
     path = os.path.join(ijb_root, ALIGNED_FILE.format(size=image_size))
@@ -150,14 +150,14 @@ def ijb_tar_at_far(backbone, ijb_root: str, target: str = "IJBC",
                    fars=(1e-4, 1e-3, 1e-2), batch_size: int = 128) -> Dict[str, Any]:
     """TAR@FAR (percent, the published closest-FPR reading) of ``backbone`` on the IJB folder
     ``ijb_root``: keys ``tar@<far>`` (``far_key``), plus ``ijb_auc``, ``ijb_pairs``,
-    ``ijb_genuine``.  Same features as host.ijb.extract_features (each batch of ``batch_size``
+    ``ijb_genuine``.  Same features as eval.ijb.extract_features (each batch of ``batch_size``
     images embedded together with its mirrors), from the aligned images of
     ``aligned_ijb_images``."""
     import numpy as np
     import torch
 
-    from host.ijb import evaluate_scores, far_key, score_features
-    from host.model_io import TorchEmbedder
+    from eval.ijb import evaluate_scores, far_key, score_features
+    from eval.model_io import TorchEmbedder
 
     embedder = TorchEmbedder(backbone, autocast=False, description="kd_quality")
     meta, images = aligned_ijb_images(ijb_root, target)
@@ -176,8 +176,8 @@ def ijb_tar_at_far(backbone, ijb_root: str, target: str = "IJBC",
 
 def evaluate_model(backbone, data_root: str, fars=(1e-4, 1e-3, 1e-2)) -> Dict[str, Any]:
     """TAR@FAR (percent) on ``data_root/IJBC`` and the lfw.bin accuracy of ``backbone``."""
-    from host.model_io import TorchEmbedder
-    from host.verification import load_bin, verify
+    from eval.model_io import TorchEmbedder
+    from eval.bin_verification import load_bin, verify
 
     out = ijb_tar_at_far(backbone, os.path.join(data_root, "IJBC"), "IJBC", fars)
     embedder = TorchEmbedder(backbone, autocast=False, description="kd_quality")
@@ -208,8 +208,8 @@ def train_teacher(job: Mapping[str, Any]) -> Dict[str, Any]:
     """Train the teacher (``distill='none'``), evaluate it, build its embedding cache; write
     ``<output>/teacher.json`` last (the marker of a finished teacher)."""
     pin_process()
-    from host.teacher_cache_build import build_from_config
-    from host.trainer import train
+    from engine.teacher_cache_build import build_from_config
+    from engine.trainer import train
 
     cfg = run_config(job)
     start = time.time()
@@ -229,14 +229,14 @@ def train_teacher(job: Mapping[str, Any]) -> Dict[str, Any]:
 
 def train_and_eval(job: Mapping[str, Any]) -> Dict[str, Any]:
     """One student run; writes ``<output>/result.json`` last and returns it."""
-    from host.kd_bench import cached_result
+    from tools.kd_bench import cached_result
 
     done = cached_result(job["output"], "result.json", job["digest"]) \
         if job.get("reuse", True) else None
     if done is not None:          # another benchmark process finished this run meanwhile
         return done
     pin_process()
-    from host.trainer import train
+    from engine.trainer import train
 
     cfg = run_config(job)
     start = time.time()

@@ -21,24 +21,17 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from plugins.class_means import ClassMeanAccumulator
-from plugins.distributed import all_reduce, rank_and_world, shard_range
-from plugins.teacher import TeacherHook, build_teacher, file_digest
+from plugins.distributed import all_reduce, rank_and_world
+from plugins.teacher import TeacherHook, build_teacher
 from plugins.teacher_cache import (CHUNKS_DIR, DTYPES, EMBEDDINGS_FILE, FORMAT_VERSION,
                                    IDENTITY_KEYS, LABELS_FILE, LAYOUT_KEYS, META_FILE,
-                                   TeacherEmbeddingCache, cache_identity, chunk_ranges,
+                                   cache_identity, chunk_ranges,
                                    create_storage, finished_chunks, mark_chunk_done,
                                    meta_differences, open_rows_for_write, read_meta,
-                                   write_json_atomic)
+                                   collective_device)
+from plugins.atomic_io import save_json
 
 DEFAULT_CHUNK_SIZE = 8192  # images per resumable unit (~10 s of an r50 on one GPU)
-
-
-def _collective_device() -> torch.device:
-    """Where tensors passed to collectives must live: the GPU under nccl, else the CPU."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _agree(failure: Optional[BaseException], device: torch.device) -> None:
@@ -82,7 +75,7 @@ def _prepare(path: str, meta: Dict[str, Any], overwrite: bool) -> bool:
                 f"teacher cache {path} exists and was made for something else:\n  "
                 + "\n  ".join(diffs) + "\nrefusing to overwrite it: delete the folder, choose "
                 f"another 'teacher_cache', or pass overwrite=True")
-        write_json_atomic(meta_path, dict(old, complete=False))  # never complete from here on
+        save_json(meta_path, dict(old, complete=False))  # never complete from here on
         for name in (EMBEDDINGS_FILE, LABELS_FILE):
             if os.path.exists(os.path.join(path, name)):
                 os.remove(os.path.join(path, name))
@@ -90,7 +83,7 @@ def _prepare(path: str, meta: Dict[str, Any], overwrite: bool) -> bool:
         raise ValueError(f"teacher cache folder {path} is not empty and holds no {META_FILE}: "
                          f"refusing to write into it; choose an empty or new folder")
     os.makedirs(path, exist_ok=True)
-    write_json_atomic(meta_path, dict(meta, complete=False))
+    save_json(meta_path, dict(meta, complete=False))
     if os.path.isdir(os.path.join(path, CHUNKS_DIR)):
         shutil.rmtree(os.path.join(path, CHUNKS_DIR))
     create_storage(path, meta["num_images"], meta["embedding_size"], meta["dtype"])
@@ -210,7 +203,7 @@ def build_teacher_cache(teacher: TeacherHook,
                      format_version=FORMAT_VERSION, complete=False,
                      layout="embeddings [num_images, 2, D]: slot 0 plain, slot 1 mirrored")
     path = os.path.abspath(path)
-    flags = _collective_device()
+    flags = collective_device()
     failure, complete = None, False
     if rank == 0:
         try:
@@ -239,46 +232,9 @@ def build_teacher_cache(teacher: TeacherHook,
             failure = RuntimeError(f"teacher cache {path}: chunks {missing_chunks[:10]} are not "
                                    f"marked done after every rank finished; re-run the build")
         else:
-            write_json_atomic(os.path.join(path, META_FILE), dict(full_meta, complete=True))
+            save_json(os.path.join(path, META_FILE), dict(full_meta, complete=True))
     _agree(failure, flags)
     return path
-
-
-def class_mean_classifier_from_cache(cache: TeacherEmbeddingCache,
-                                     labels: Optional[torch.Tensor],
-                                     num_classes: int,
-                                     block: int = 65536) -> torch.Tensor:
-    """A teacher classifier ``[C, D]`` fp32 from the cache, for GKD teachers saved without one.
-
-    ``w_c`` = L2-normalised mean over the images of class c of the L2-normalised embeddings of the
-    image *and* of its mirror (both views count as samples: the classifier sees what training
-    feeds the teacher).  One pass over the cache; with several ranks each streams a contiguous
-    share and the sums are all-reduced.
-
-    Args:
-        cache: an open, validated cache.
-        labels: ``[num_images]`` labels; ``None`` uses the ones recorded in the cache.
-        num_classes: ``C``.
-        block: rows read per step.
-
-    Raises:
-        ValueError: wrong label count, a label outside ``[0, C)`` or a class without images.
-    """
-    if labels is None:
-        labels = torch.from_numpy(np.array(cache.labels, dtype=np.int64))
-    labels = torch.as_tensor(labels, dtype=torch.int64)
-    if labels.shape != (cache.num_images,):
-        raise ValueError(f"class_mean_classifier_from_cache: labels must be "
-                         f"[{cache.num_images}], got {list(labels.shape)}")
-    start, count = shard_range(cache.num_images, *rank_and_world())
-    stop = start + count
-    acc = ClassMeanAccumulator(num_classes, cache.embedding_size, device=_collective_device())
-    for s in range(start, stop, block):
-        e = min(s + block, stop)
-        views = torch.from_numpy(np.array(cache.table[s:e], dtype=np.float32))  # [n, 2, D]
-        acc.update(views.reshape(-1, cache.embedding_size),
-                   labels[s:e].repeat_interleave(2))
-    return acc.all_reduce().result().cpu()
 
 
 def _init_distributed() -> bool:
@@ -299,35 +255,9 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def expected_meta(cfg: Mapping[str, Any], num_images: Optional[int] = None) -> Dict[str, Any]:
-    """What a training run expects of its cache (the ``expect`` of ``TeacherEmbeddingCache``):
-    the sha256 of ``cfg.teacher_checkpoint`` (hashed, not loaded), ``cfg.teacher_network``,
-    ``cfg.teacher_embedding_size`` and the fingerprint of ``cfg.rec``; plus the image count when
-    ``num_images`` (``len(dataset)``) is given -- without it the fingerprint alone identifies the
-    data."""
-    checkpoint = cfg["teacher_checkpoint"]
-    if checkpoint is None or not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"config key 'teacher_checkpoint': {checkpoint!r} not found; the "
-                                f"teacher cache is checked against the teacher's checkpoint")
-    expect = cache_identity(file_digest(checkpoint), cfg["teacher_network"], cfg["rec"],
-                            0 if num_images is None else num_images,
-                            cfg["teacher_embedding_size"])
-    if num_images is None:
-        del expect["num_images"]
-    return expect
-
-
-def open_teacher_cache(cfg: Mapping[str, Any], num_images: Optional[int] = None,
-                       force: bool = False) -> TeacherEmbeddingCache:
-    """Open ``cfg.teacher_cache`` for training, checked against ``expected_meta(cfg,
-    num_images)``."""
-    return TeacherEmbeddingCache(cfg["teacher_cache"], expect=expected_meta(cfg, num_images),
-                                 force=force)
-
-
 def _amp_dtype(cfg: Mapping[str, Any]) -> Optional[torch.dtype]:
     """The teacher's autocast dtype of config key ``amp_dtype`` (None for "auto")."""
-    from host.precision import AMP_DTYPES
+    from plugins.builders import AMP_DTYPES
     return AMP_DTYPES[cfg.get("amp_dtype", "auto")]
 
 
@@ -340,7 +270,7 @@ def build_from_config(cfg: Mapping[str, Any], overwrite: bool = False,
     teacher_checkpoint, teacher_embedding_size, teacher_cache, teacher_fp16 (falling back to
     fp16 when a config lacks it), amp_dtype (default "auto") and skip_bad_records (default False).
     """
-    from host.dataset import FaceRecordDataset
+    from data.dataset import FaceRecordDataset
 
     if not cfg.get("teacher_cache"):
         raise ValueError("config key 'teacher_cache' is not set: name the folder that will hold "

@@ -2,7 +2,7 @@
 AdaDistill and with GKD -> a table comparing them on synthetic LFW (10-fold accuracy) and on a
 synthetic IJB-C folder (TAR@FAR 1e-4 / 1e-3 / 1e-2), identities unseen in training.
 
-    python -m host.demo [--quick] [--threads 1]
+    python -m tools.demo [--quick] [--threads 1]
 
 Everything lands in work_dirs/demo/ (data, one folder per run, results.json).  The four runs use
 the job configs configs/demo_{teacher,student,adadistill,gkd}.py; --quick shrinks them for tests.
@@ -25,8 +25,8 @@ from typing import Dict, List, Optional, Sequence
 
 from prettytable import PrettyTable
 
-from host.config import get_config
-from host.synthetic import write_ijb, write_train_set, write_verification_bin
+from engine.config import get_config
+from tools.synthetic import write_ijb, write_train_set, write_verification_bin
 
 RUNS = (("teacher", "demo_teacher"), ("student alone", "demo_student"),
         ("AdaDistill", "demo_adadistill"), ("GKD", "demo_gkd"))
@@ -72,9 +72,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     if args.threads < 1:
         parser.error("--threads must be >= 1")
     pin_threads(args.threads)
-    from host.kd_bench_jobs import ijb_tar_at_far, load_trained
-    from host.ijb import far_key
-    from host.trainer import train
+    from tools.kd_bench_jobs import ijb_tar_at_far, load_trained
+    from eval.ijb import far_key
+    from engine.trainer import train
 
     start = time.time()
     configs = [(label, get_config(f"configs/{name}")) for label, name in RUNS]

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from host.atomic_io import atomic_output
-from host.model_io import OnnxEmbedder, TorchEmbedder
+from plugins.atomic_io import atomic_output
+from eval.model_io import OnnxEmbedder, TorchEmbedder
 
 DEFAULT_OPSET = 13
 MFR_MAX_OPSET = 13

@@ -1,22 +1,27 @@
 """Files that appear whole or not at all: write to a temporary name beside the target, fsync,
-then rename over it (a crash leaves the previous file, or none, never a partial one)."""
+then rename over it (a crash leaves the previous file, or none, never a partial one).  The one
+writer of the toolkit: checkpoints, caches, evaluation results, exports, synthetic data."""
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
 
 
 @contextlib.contextmanager
-def atomic_output(path: str, mode: str = "wb") -> Iterator:
-    """Open a temporary file next to ``path``; on success fsync it and rename it over ``path``.
+def atomic_output(path: str, mode: str = "wb", durable: bool = True) -> Iterator:
+    """Open a temporary file next to ``path``; on success fsync it (``durable``) and rename it
+    over ``path``.
 
-    A crash or exception leaves ``path`` untouched (the temporary file is removed).
+    A crash or exception leaves ``path`` untouched (the temporary file is removed).  Without
+    ``durable`` the file is renamed without fsync: whole or absent after a crash of the process,
+    but not necessarily after a power loss (bulk generated data that can be re-made).
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -25,7 +30,8 @@ def atomic_output(path: str, mode: str = "wb") -> Iterator:
         with open(tmp, mode) as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -37,7 +43,7 @@ TMP_MARK = ".tmp."
 
 def temporary_name(path: str) -> str:
     """``<dir>/.<name>.tmp.<pid>``: the temporary file ``atomic_output`` writes before renaming
-    (start-up removes leftovers of a killed writer, see host/run_guard)."""
+    (start-up removes leftovers of a killed writer, see engine/run_guard)."""
     directory = os.path.dirname(os.path.abspath(path))
     return os.path.join(directory, f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
 
@@ -95,6 +101,17 @@ def save_text(path: str, text: str) -> None:
     """Write ``text`` (UTF-8) atomically."""
     with atomic_output(path, "w") as handle:
         handle.write(text)
+
+
+def save_bytes(path: str, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` atomically (``durable``: see ``atomic_output``)."""
+    with atomic_output(path, "wb", durable=durable) as handle:
+        handle.write(data)
+
+
+def save_json(path: str, obj: Mapping[str, Any]) -> None:
+    """Write ``obj`` as indented, key-sorted JSON (with a final newline) atomically."""
+    save_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

@@ -1,7 +1,9 @@
-"""Build the pieces a distillation run needs from a config: the loss head and the teacher source.
+"""Config -> the pieces of a distillation run: start-up checks, the loss head (the registry of
+``plugins.heads``), the teacher-embedding source (frozen teacher or its cache) and, for a method
+that may use them, the teacher's class means.
 
-Used by train_distill.py and by a fork's patched train_v2.py (patches/), so both build exactly the
-same objects from the same keys.
+Used by train_distill.py (engine/trainer.py) and by a fork's patched train_v2.py
+(``plugins.fork_loop``), so both build exactly the same objects from the same keys.
 """
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ from typing import Optional
 
 import torch
 
-from plugins.heads import build_head, check_embedding_sizes, head_names, head_spec  # noqa: F401
-from plugins.heads.base import margin_from_config
+from .heads import build_head, check_embedding_sizes, head_names, head_spec  # noqa: F401
+from .heads.base import margin_from_config
+
+# config key amp_dtype -> the autocast dtype (None: float16 on GPUs, fp32 on CPU)
+AMP_DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # arcface_torch job keys the distillation code reads (a fork's base.py does not define them).
@@ -63,10 +68,9 @@ def build_teacher_source(cfg, device=None, num_images: Optional[int] = None):
     if not head_spec(cfg.distill).needs_teacher:
         return None
     if cfg.teacher_cache:
-        from host.teacher_cache_build import open_teacher_cache
+        from .teacher_cache import open_teacher_cache
         return open_teacher_cache(cfg, num_images=num_images, force=cfg.teacher_cache_force)
-    from host.precision import AMP_DTYPES
-    from plugins.teacher import build_teacher
+    from .teacher import build_teacher
     return build_teacher(cfg.teacher_network, cfg.teacher_checkpoint,
                          embedding_size=cfg.teacher_embedding_size, device=device,
                          fp16=cfg.teacher_fp16,
@@ -79,5 +83,5 @@ def teacher_class_means(cfg, teacher) -> Optional[torch.Tensor]:
     cache); None when the config names a classifier or the method takes none."""
     if head_spec(cfg.distill).teacher_classifier != "or_class_means" or cfg.teacher_classifier:
         return None
-    from host.teacher_cache_build import class_mean_classifier_from_cache
+    from .teacher_cache import class_mean_classifier_from_cache
     return class_mean_classifier_from_cache(teacher, None, cfg.num_classes)

@@ -289,7 +289,7 @@ def plot_summary(summary: Mapping[str, Any], path: str,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from host.atomic_io import atomic_output
+    from plugins.atomic_io import atomic_output
 
     metrics = summary["metrics"]
     rows = summary["rows"]

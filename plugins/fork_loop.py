@@ -16,9 +16,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from host.factory import build_teacher_source, check_config
-from plugins.config_defaults import apply_distill_defaults, check_types
-from plugins.ddp_gradient import undo_ddp_average
+from .builders import build_teacher_source, check_config
+from .config_defaults import apply_distill_defaults, check_types
+from .ddp_gradient import undo_ddp_average
 
 LOG = logging.getLogger("kdface.fork_loop")
 
@@ -99,7 +99,7 @@ def model_builder(cfg, fork_get_model: Callable[..., nn.Module]) -> Callable[...
     an unknown name lists the valid ones)."""
     if "distill" not in cfg:
         return fork_get_model
-    from plugins.backbones import resolve_model
+    from .backbones import resolve_model
     return resolve_model
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from host.image_codec import decode_rgb
+from data.image_codec import decode_rgb
 from plugins.distributed import rank_and_world
 from plugins.recordio import RecordReader
 

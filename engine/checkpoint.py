@@ -4,7 +4,7 @@ Layout below ``<output>/checkpoints/``::
 
     step_000012345/
         common.pt     rank 0: student backbone, epoch, step, samples consumed, scaler, config,
-                      run identity (host/run_identity)
+                      run identity (engine/run_identity)
         rank_<r>.pt   every rank: head state (its class shard), optimizer state, RNG states
         meta.json     written last: format, step, world size, run, size and sha256 of every file
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from host.atomic_io import atomic_torch_save
+from plugins.atomic_io import atomic_torch_save
 from plugins.distributed import rank_and_world
 from plugins.sharded_state import reshard_state
 

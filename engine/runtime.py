@@ -83,16 +83,3 @@ def setup_logging(output: str, rank: int) -> logging.Logger:
         config_logger.addHandler(handlers[0])
         config_logger.setLevel(logging.INFO)
     return logger
-
-
-def exact_gradient_hook(state, bucket):
-    """DDP communication hook that SUMS gradients over ranks instead of averaging them.
-
-    The heads already give every rank the exact gradient of the global-batch mean loss for its
-    own samples, so the sum is that loss's gradient on any world size -- the gradient upstream
-    arcface_torch's PartialFC_V2 path and both official recipes give.  (A fork's patched
-    train_v2.py keeps the fork's DDP averaging and scales the embedding gradient by W instead:
-    plugins/ddp_gradient.py.)
-    """
-    future = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
-    return future.then(lambda fut: fut.value()[0])

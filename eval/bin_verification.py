@@ -15,6 +15,15 @@ Protocol (as arcface_torch reports it, "Accuracy-Flip"):
 * report mean and (population) std of the 10 fold accuracies, in percent, and
   ``XNorm`` = mean L2 norm of the raw (un-normalised) embeddings of all images AND all their
   mirrors, each counted separately.
+
+CLI (same flags as before, JSON output optional)::
+
+    python -m eval.bin_verification --model-prefix work_dirs/r50/model.pt --network r50 \
+        --data-dir datasets/faces_emore --targets lfw,cfp_fp,agedb_30 --json results/ver.json
+    python -m eval.bin_verification --model-prefix student.onnx --data-dir datasets/faces_emore
+
+(named ``bin_verification``, not ``verification``: an arcface_torch fork has its own
+``eval/verification.py``, which this module sits beside without replacing it)
 """
 from __future__ import annotations
 
@@ -29,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from host.image_codec import decode_rgb
-from host.model_io import Embedder, TorchEmbedder
+from data.image_codec import decode_rgb
+from eval.model_io import Embedder, TorchEmbedder
 
 LOG = logging.getLogger(__name__)
 
@@ -301,14 +310,14 @@ class VerificationCallback:
 
 
 def main(argv: Optional[List[str]] = None) -> List[VerificationResult]:
-    """CLI: ``python eval/verification.py`` or, inside a fork whose own eval/verification.py
-    stays, ``python -m host.verification`` (same flags)."""
+    """CLI: ``python -m eval.bin_verification`` from the repository root (or a fork's folder,
+    beside the fork's own eval/verification.py, which this module's name does not clash with)."""
     import argparse
     import dataclasses
     import json
 
-    from host.atomic_io import save_text
-    from host.model_io import load_embedder
+    from plugins.atomic_io import save_text
+    from eval.model_io import load_embedder
 
     parser = argparse.ArgumentParser(description="10-fold verification on .bin sets")
     parser.add_argument("--model-prefix", required=True, help="backbone checkpoint or .onnx")
@@ -335,7 +344,6 @@ def main(argv: Optional[List[str]] = None) -> List[VerificationResult]:
                    "results": {r.name: dataclasses.asdict(r) for r in results}}
         save_text(args.json, json.dumps(payload, indent=2) + "\n")
     return results
-
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The training engine: config loading, the loop, checkpoints, run guards, schedule, precision."""

@@ -1,1 +1,0 @@
-"""The arcface_torch-compatible code around the plugin: config, data, training, evaluation."""

@@ -196,3 +196,23 @@ def test_fork_loop_sums_replicated_grads_once_per_backward():
     with pytest.raises(ValueError, match=r"replicated on every rank \(scale\).*gradient_acc = 1"):
         fork_head_loss(head, cfg, backbone, Teacher(), images, backbone(images),
                        torch.arange(5), 0)
+
+
+@pytest.mark.parametrize("sizes", [(0, 10), (8, 0)])
+def test_class_sharded_heads_refuse_empty_sizes_by_name(sizes):
+    """DistillHead.own_class_shard: the one size check of every head with per-class rows."""
+    from plugins.heads.adadistill import AdaDistillHead
+    from plugins.heads.gkd import GKDHead
+    from plugins.heads.margin_softmax import MarginSoftmaxHead
+    embedding_size, num_classes = sizes
+    builders = {
+        "AdaDistillHead": lambda: AdaDistillHead(embedding_size, num_classes),
+        "MarginSoftmaxHead": lambda: MarginSoftmaxHead(embedding_size, num_classes),
+        "GKDHead": lambda: GKDHead(embedding_size, num_classes,
+                                   torch.zeros(num_classes, 4), margin="cosface",
+                                   teacher_embedding_size=4),
+    }
+    for name, build in builders.items():
+        with pytest.raises(ValueError, match=rf"{name}: embedding_size and num_classes must be "
+                                             rf">= 1, got {embedding_size} and {num_classes}"):
+            build()

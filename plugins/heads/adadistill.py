@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adadistill import ALPHAS, update_centers_
-from ..distributed import (all_gather_no_grad, all_gather_with_grad, all_reduce, rank_and_world,
-                           shard_range)
+from ..distributed import all_gather_no_grad, all_gather_with_grad, all_reduce
 from ..margin import (check_batch, check_labels_range, check_margin_args, cosine_logits,
                       distributed_margin_cross_entropy, select_classes)
 from .base import DistillHead, configured_teacher_classifier, margin_from_config
@@ -78,14 +77,9 @@ class AdaDistillHead(DistillHead):
         check_margin_args(margin, s, m, sample_rate)
         if alpha not in ALPHAS:
             raise ValueError(f"alpha must be one of {ALPHAS}, got {alpha!r}")
-        if embedding_size < 1 or num_classes < 1:
-            raise ValueError(f"embedding_size and num_classes must be >= 1, got "
-                             f"{embedding_size}, {num_classes}")
-        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.own_class_shard(embedding_size, num_classes)
         self.margin, self.s, self.m = margin, float(s), float(m)
         self.alpha, self.sample_rate = alpha, float(sample_rate)
-        rank, world = rank_and_world()
-        self.class_start, self.num_local = shard_range(num_classes, rank, world)
         self.register_buffer("centers", torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
         self._centers_loaded = False
         self.register_load_state_dict_post_hook(AdaDistillHead._after_load)

@@ -16,6 +16,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from ..distributed import rank_and_world, shard_range
+
 MARGIN_KINDS = ("arcface", "cosface")
 
 
@@ -34,6 +36,17 @@ class DistillHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stats: Dict[str, torch.Tensor] = {}
+
+    def own_class_shard(self, embedding_size: int, num_classes: int) -> None:
+        """Check the sizes and take this rank's Partial FC class shard: sets ``embedding_size``
+        (D), ``num_classes`` (C), ``class_start`` and ``num_local``
+        (``plugins.distributed.shard_range``) for the heads that hold per-class rows."""
+        if embedding_size < 1 or num_classes < 1:
+            raise ValueError(f"{type(self).__name__}: embedding_size and num_classes must be "
+                             f">= 1, got {embedding_size} and {num_classes}")
+        self.embedding_size, self.num_classes = embedding_size, num_classes
+        rank, world = rank_and_world()
+        self.class_start, self.num_local = shard_range(num_classes, rank, world)
 
     @classmethod
     def from_config(cls, cfg, teacher_classifier: Optional[torch.Tensor]) -> "DistillHead":

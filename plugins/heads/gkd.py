@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world, shard_range
+from ..distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world
 from ..gkd import (_check_group, _check_options, _gkd_parts, _Local, _Sharded, kd_warmup_weight)
 from ..margin import check_batch, check_labels_range, select_classes, sharded_cross_entropy
 from .base import DistillHead, configured_teacher_classifier, margin_from_config
@@ -116,9 +116,6 @@ class GKDHead(DistillHead):
                              f"(1.0, 0.0, 0.4)")
         if tau_batch is not None and tau_batch < 1:
             raise ValueError(f"GKDHead tau_batch must be >= 1 or None, got {tau_batch}")
-        if embedding_size < 1 or num_classes < 1:
-            raise ValueError(f"GKDHead needs embedding_size >= 1 and num_classes >= 1, got "
-                             f"{embedding_size} and {num_classes}")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"GKDHead sample_rate must lie in (0, 1], got {sample_rate}")
         if warmup_epochs < 0:
@@ -135,15 +132,13 @@ class GKDHead(DistillHead):
             raise ValueError(f"GKDHead teacher_weight: expected shape [num_classes, D_t] = "
                              f"[{num_classes}, {width}], found {list(found)}; pass the teacher's "
                              f"full classifier (all classes, one row per class)")
-        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.own_class_shard(embedding_size, num_classes)
         self.teacher_embedding_size = found[1]
         self.s, self.m, self.temperature = s, m, temperature
         self.alpha, self.beta, self.lamda = alpha, beta, lamda
         self.k, self.tau, self.rank_by, self.k_step = k, tau, rank_by, k_step
         self.warmup_epochs, self.sample_rate = warmup_epochs, sample_rate
         self.tau_batch = tau_batch
-        rank, world = rank_and_world()
-        self.class_start, self.num_local = shard_range(num_classes, rank, world)
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
         rows = teacher_weight.detach()[self.class_start:self.class_start + self.num_local]
         keep = torch.float64 if rows.dtype == torch.float64 else torch.float32

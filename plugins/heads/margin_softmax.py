@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world, shard_range
+from ..distributed import all_gather_no_grad, all_gather_with_grad
 from ..margin import (check_batch, check_labels_range, check_margin_args, cosine_logits,
                       distributed_margin_cross_entropy, select_classes)
 from .base import DistillHead, margin_from_config
@@ -65,14 +65,9 @@ class MarginSoftmaxHead(DistillHead):
         check_margin_args(margin, s, m, sample_rate)
         if margin_grad not in MARGIN_GRADS:
             raise ValueError(f"margin_grad must be one of {MARGIN_GRADS}, got {margin_grad!r}")
-        if embedding_size < 1 or num_classes < 1:
-            raise ValueError(f"embedding_size and num_classes must be >= 1, got "
-                             f"{embedding_size}, {num_classes}")
-        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.own_class_shard(embedding_size, num_classes)
         self.margin, self.s, self.m = margin, float(s), float(m)
         self.sample_rate, self.margin_grad = float(sample_rate), margin_grad
-        rank, world = rank_and_world()
-        self.class_start, self.num_local = shard_range(num_classes, rank, world)
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
 
     @classmethod

@@ -29,7 +29,8 @@ from .margin_plus_kd import MarginPlusKD  # noqa: E402
 from .margin_softmax import MarginSoftmaxHead  # noqa: E402
 
 __all__ = ["AngularHead", "CCKDHead", "EKDHead", "FitNetHead", "KDHead",
-           "MarginDistillationHead", "RKDHead", "SPHead", "AdaDistillHead", "ArcDistillHead", "CosDistillHead", "DistillHead", "FeatureMSE",
+           "MarginDistillationHead", "RKDHead", "SPHead",
+           "AdaDistillHead", "ArcDistillHead", "CosDistillHead", "DistillHead", "FeatureMSE",
            "GKDHead", "HeadSpec", "MarginPlusKD", "MarginSoftmaxHead", "build_head",
            "check_embedding_sizes",
            "head_names", "head_spec", "margin_from_config", "register_head"]

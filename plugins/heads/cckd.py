@@ -8,8 +8,8 @@ congruence for knowledge distillation", ICCV 2019, Sec. 3.3) on the GLOBAL batch
 
 with ``k`` the Gaussian RBF kernel ``exp(-2 gamma + 2 gamma x^T y)`` of the normalised embeddings
 approximated by its Taylor series truncated to ``P`` terms.  ``gamma = 0.4``, ``P = 2`` from
-TFace's FR release (``recognition/tasks/ekd/distillation/cc.py`` l. 10-28); the term is
-``plugins.kd_terms.CorrelationCongruenceKD``.
+TFace's FR release (github.com/Tencent/TFace ``recognition/tasks/ekd/distillation/cc.py``
+l. 10-28); the term is ``plugins.kd_terms.CorrelationCongruenceKD``.
 
 The weight is NOT pinned by public face-recognition code (TFace ships the term without one); we
 use ``w = 1`` (the weight the GKD/TFace releases give their other terms).

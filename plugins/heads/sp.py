@@ -7,8 +7,8 @@ preserving knowledge distillation", ICCV 2019, Eqs. 1-4) on the GLOBAL batch.
         + w \cdot \frac{1}{N^2} \bigl\| \tilde G_t - \tilde G_s \bigr\|_F^2
 
 with ``G~`` the batch Gram matrix: ``"cosine"`` (cosine similarities, TFace's face-recognition
-release, ``recognition/tasks/ekd/distillation/similarity_perserving.py`` l. 17-31) or
-``"row_normalized"`` (the paper's ``G G^T`` with L2-normalised rows).
+release, github.com/Tencent/TFace ``recognition/tasks/ekd/distillation/similarity_perserving.py``
+l. 17-31) or ``"row_normalized"`` (the paper's ``G G^T`` with L2-normalised rows).
 
 The weight is NOT pinned by a public face-recognition source: the paper's ``gamma = 3000`` is for
 CIFAR with the row-normalised Gram, and TFace ships the term without a weight.  Our choice:

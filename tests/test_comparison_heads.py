@@ -241,3 +241,24 @@ def test_head_is_world_size_invariant(head_runs, name):
         assert "term.regressor.weight" in one[0]["param_grads"]
     if name == "ekd":
         assert float(one[1]["buffers"]["term.student_thresholds"].abs().sum()) > 0
+
+
+def _train_fitnet(rank, world, cfg):
+    from host.trainer import train
+    summary = train(cfg)
+    _, _, shards = CheckpointManager(cfg.output).load_latest()
+    head = shards[0]["head"]
+    return {"losses": summary["losses"], "regressor": head["term.regressor.weight"],
+            "classes": head["margin_head.weight"].shape[0]}
+
+
+def test_fitnet_regressor_stays_replicated_on_two_trainer_processes(workdir):
+    """The real trainer on 2 gloo ranks: the replicated regressor's summed gradients keep it
+    identical on both ranks (it would drift apart with per-rank gradients), the class shards
+    split the classes, the loss is the same on both ranks."""
+    cfg = job_config(workdir, "cmp_fitnet_w2", distill="fitnet", fitnet_regressor="always",
+                     max_steps=3)
+    ranks = run_distributed(_train_fitnet, 2, args=(cfg,))
+    assert ranks[0]["losses"] == pytest.approx(ranks[1]["losses"])
+    torch.testing.assert_close(ranks[0]["regressor"], ranks[1]["regressor"], rtol=0, atol=0)
+    assert ranks[0]["classes"] + ranks[1]["classes"] == NUM_IDS

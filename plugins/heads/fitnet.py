@@ -14,6 +14,7 @@ added to the CosFace CE with weight 1); the term is ``plugins.kd_terms.FitNet``.
 The regressor is REPLICATED on every rank (not class-sharded): each rank's backward holds only
 its own samples' share of its gradient, so ``reduce_replicated_grads`` sums its gradients over
 ranks; it is a head parameter, hence in the optimizer and in the checkpoints (``term.regressor.*``).
+It is initialised from ``cfg.seed`` alone (``init_regressor``), identical on every rank.
 """
 from __future__ import annotations
 
@@ -48,7 +49,25 @@ class FitNetHead(MarginPlusKD):
         term = FitNet(cfg.embedding_size, cfg.teacher_embedding_size,
                       normalize=cfg.fitnet_normalize, scale=cfg.fitnet_scale,
                       regressor=cfg.fitnet_regressor)
-        return cls(MarginSoftmaxHead.from_config(cfg), term, cfg.fitnet_weight)
+        head = cls(MarginSoftmaxHead.from_config(cfg), term, cfg.fitnet_weight)
+        head.init_regressor(int(cfg.get("seed", 0) or 0))
+        return head
+
+    @torch.no_grad()
+    def init_regressor(self, seed: int) -> None:
+        """(Re-)initialise the regressor as ``nn.Linear`` does (weight and bias uniform in
+        ``+-1 / sqrt(D_s)``) from a generator seeded by ``seed`` alone, so every rank starts from
+        the SAME replicated copy (the trainer seeds torch differently per rank for the class
+        shards; the regressor must not inherit that)."""
+        regressor = self.term.regressor
+        if regressor is None:
+            return
+        generator = torch.Generator().manual_seed(seed)
+        bound = 1.0 / regressor.in_features ** 0.5
+        for p in (regressor.weight, regressor.bias):
+            fresh = torch.empty(p.shape, dtype=torch.float64).uniform_(-bound, bound,
+                                                                       generator=generator)
+            p.copy_(fresh.to(p.dtype))
 
     def reduce_replicated_grads(self) -> None:
         """Sum the regressor's gradients over ranks (exact gradient of the global loss)."""

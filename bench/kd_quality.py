@@ -84,7 +84,7 @@ def student_jobs(task: Dict[str, Any], methods: Sequence[kd_bench.Method], data_
             if distill != "none":
                 config.update(teacher_checkpoint=os.path.join(teacher["output"], "model.pt"),
                               teacher_cache=os.path.join(teacher["output"], "embedding_cache"))
-            if distill in ("arcdistill", "cosdistill", "gkd"):
+            if distill in ("arcdistill", "cosdistill", "gkd", "kd", "margin_distillation"):
                 config["teacher_classifier"] = os.path.join(teacher["output"], "classifier.pt")
             jobs.append({"name": f"{method.name} seed {seed}", "method": method.name,
                          "seed": int(seed), "config": config, "digest": digest,

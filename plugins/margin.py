@@ -158,7 +158,7 @@ class MarginCE(NamedTuple):
 
 
 def distributed_margin_cross_entropy(cos: torch.Tensor, target_col: torch.Tensor, margin: str,
-                                     s: float, m: float, straight_through: bool = False
+                                     s: float, m, straight_through: bool = False
                                      ) -> MarginCE:
     """Mean margin-softmax cross entropy of the global batch, classes sharded over ranks.
 
@@ -174,7 +174,8 @@ def distributed_margin_cross_entropy(cos: torch.Tensor, target_col: torch.Tensor
             Every sample's class must be owned by exactly one rank.
         margin: ``"arcface"`` or ``"cosface"``.
         s: logit scale.
-        m: margin.
+        m: margin: a float, or a ``[N]`` tensor of per-sample margins (no gradient; e.g.
+            MarginDistillation's teacher-derived margins), row ``i`` using ``m[i]``.
         straight_through: gradient convention of the ArcFace margin (module docstring).
     """
     device_type = cos.device.type
@@ -183,6 +184,11 @@ def distributed_margin_cross_entropy(cos: torch.Tensor, target_col: torch.Tensor
         rows = torch.nonzero(target_col >= 0).squeeze(1)
         cols = target_col[rows]
         cos_target = cos[rows, cols]
+        if isinstance(m, torch.Tensor):
+            if m.shape != target_col.shape:
+                raise ValueError(f"distributed_margin_cross_entropy: per-sample margins must be "
+                                 f"[N] = {list(target_col.shape)}, got {list(m.shape)}")
+            m = m.detach().to(cos.device, cos.dtype)[rows]
         target_logit = s * apply_margin(margin, cos_target, m, straight_through)
         logits = (s * cos).index_put((rows, cols), target_logit)
         local_cos = cos.new_zeros(cos.shape[0]).index_put((rows,), cos_target.detach())

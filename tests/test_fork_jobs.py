@@ -22,13 +22,14 @@ import pytest
 import torch
 
 from patches import patch_train_v2 as patcher
+from plugins.heads import head_names, head_spec
 from tests.test_install_into_fork import PYTHON, REPO, fork_env
 from tests.upstream_standin import write_upstream_standin
 
 NUM_CLASSES = 16
 JOBS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
               if os.path.basename(p) not in ("base.py", "__init__.py"))
-NEEDS_TEACHER = ("adadistill", "arcdistill", "cosdistill", "gkd", "feature_mse")
+NEEDS_TEACHER = tuple(name for name in head_names() if head_spec(name).needs_teacher)
 
 RUN_JOBS = '''\
 """python run_jobs.py <script> <job>...: run each job in this one process (one torch import)."""
@@ -126,9 +127,8 @@ def test_shipped_job_starts_in_the_patched_loop(shipped_runs, job):
     assert [s[0] for s in steps] == ["1", "2"], run   # 16 images, global batch 8
     assert all(float(s[1]) == float(s[1]) and float(s[1]) > 0 for s in steps), steps
     method = values.get("distill", "adadistill")
-    heads = {"none": "PartialFC_V2", "gkd": "GKDHead", "feature_mse": "FeatureMSE",
-             "arcdistill": "ArcDistillHead", "cosdistill": "CosDistillHead"}
-    assert {s[2] for s in steps} == {heads.get(method, "AdaDistillHead")}
+    head = "PartialFC_V2" if method == "none" else head_spec(method).cls.__name__
+    assert {s[2] for s in steps} == {head}
     # each key the fork's loop does not honour, set by the job to another value, is named once
     warned = re.findall(r"config key '(\w+)' = (.*?) is not honoured by the patched train_v2.py",
                         run)

@@ -97,8 +97,9 @@ def test_check_embedding_sizes():
                                              rf".*teacher_embedding_size=512"):
             check_embedding_sizes(method, 128, 512)
     check_embedding_sizes("gkd", 128, 512)
-    with pytest.raises(ValueError, match="unknown method 'kd'"):
-        check_embedding_sizes("kd", 512, 512)
+    check_embedding_sizes("kd", 128, 512)        # a registered comparison method (issue 17)
+    with pytest.raises(ValueError, match="unknown method 'kdx'"):
+        check_embedding_sizes("kdx", 512, 512)
 
 
 def test_build_teacher_loads_the_checkpoint(tmp_path):

@@ -84,6 +84,16 @@ def method_table(num_classes: int) -> List[Method]:
                                 "gkd_beta": 4.0}),
         Method("feature MSE", {"distill": "feature_mse", "margin_list": COS,
                                "feature_kd_weight": 1.0}),
+        # the comparison methods of both papers (weights: their heads' registered defaults)
+        Method("logit KD", {"distill": "kd", "margin_list": COS}),
+        Method("FitNet", {"distill": "fitnet", "margin_list": COS}),
+        Method("angular (ShrinkTeaNet)", {"distill": "angular", "margin_list": ARC}),
+        Method("RKD", {"distill": "rkd", "margin_list": COS}),
+        Method("SP", {"distill": "sp", "margin_list": ARC}),
+        Method("CCKD", {"distill": "cckd", "margin_list": ARC}),
+        Method("EKD", {"distill": "ekd", "margin_list": (1.0, 0.4, 0.0)}),
+        Method("MarginDistillation", {"distill": "margin_distillation",
+                                      "margin_list": (1.0, 0.5, 0.0), "margin_grad": "exact"}),
     ]
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ..distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world
+from ..distributed import rank_and_world
 from ..gkd import (_check_group, _check_options, _gkd_parts, _Local, _Sharded, kd_warmup_weight)
-from ..margin import check_batch, check_labels_range, select_classes, sharded_cross_entropy
-from .base import DistillHead, configured_teacher_classifier, margin_from_config
+from ..margin import check_batch, sharded_cross_entropy
+from .base import configured_teacher_classifier, margin_from_config
 from .registry import register_head
+from .teacher_logits import TeacherLogitsHead
 
 GKD_KEYS = {
     "gkd_temperature": (4.0, "GKD temperature T", (int, float)),
@@ -38,7 +37,7 @@ GKD_KEYS = {
 
 @register_head("gkd", needs_teacher=True, teacher_classifier="or_class_means", same_dim=False,
                keys=GKD_KEYS)
-class GKDHead(DistillHead):
+class GKDHead(TeacherLogitsHead):
     r"""Student CosFace classifier shard + frozen teacher classifier shard + GKD, Partial FC style.
 
     .. math::
@@ -85,8 +84,8 @@ class GKDHead(DistillHead):
         ``sampled_index``: local class indices kept in the last step (None when sample_rate = 1).
     """
 
-    sharded_keys = ("weight", "teacher_weight")
-    frozen_keys = ("teacher_weight",)
+    logits_source = ("GKD's student and teacher logits are CosFace as in the official code (an "
+                     "ArcFace margin is refused, not silently trained as CosFace)")
 
     def __init__(self,
                  embedding_size: int,
@@ -116,33 +115,14 @@ class GKDHead(DistillHead):
                              f"(1.0, 0.0, 0.4)")
         if tau_batch is not None and tau_batch < 1:
             raise ValueError(f"GKDHead tau_batch must be >= 1 or None, got {tau_batch}")
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"GKDHead sample_rate must lie in (0, 1], got {sample_rate}")
         if warmup_epochs < 0:
             raise ValueError(f"GKDHead warmup_epochs must be >= 0, got {warmup_epochs}")
-        if not isinstance(teacher_weight, torch.Tensor):
-            raise ValueError(f"GKDHead teacher_weight must be the teacher's classifier tensor "
-                             f"[num_classes, D_t], got {type(teacher_weight).__name__}; load it "
-                             f"from the teacher checkpoint or build it with "
-                             f"plugins.class_means.ClassMeanAccumulator")
-        found = tuple(teacher_weight.shape)
-        width = teacher_embedding_size if teacher_embedding_size is not None else (
-            found[1] if len(found) == 2 else "D_t")
-        if len(found) != 2 or found != (num_classes, width):
-            raise ValueError(f"GKDHead teacher_weight: expected shape [num_classes, D_t] = "
-                             f"[{num_classes}, {width}], found {list(found)}; pass the teacher's "
-                             f"full classifier (all classes, one row per class)")
-        self.own_class_shard(embedding_size, num_classes)
-        self.teacher_embedding_size = found[1]
-        self.s, self.m, self.temperature = s, m, temperature
+        self.init_classifiers(embedding_size, num_classes, teacher_weight,
+                              teacher_embedding_size, s, m, sample_rate)
+        self.temperature = temperature
         self.alpha, self.beta, self.lamda = alpha, beta, lamda
         self.k, self.tau, self.rank_by, self.k_step = k, tau, rank_by, k_step
-        self.warmup_epochs, self.sample_rate = warmup_epochs, sample_rate
-        self.tau_batch = tau_batch
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
-        rows = teacher_weight.detach()[self.class_start:self.class_start + self.num_local]
-        keep = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        self.register_buffer("teacher_weight", rows.to(keep).clone())
+        self.warmup_epochs, self.tau_batch = warmup_epochs, tau_batch
         self.sampled_index: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
@@ -153,14 +133,6 @@ class GKDHead(DistillHead):
                 f"rank_by={self.rank_by}, tau_batch={self.tau_batch}, "
                 f"warmup_epochs={self.warmup_epochs}, "
                 f"sample_rate={self.sample_rate}")
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        if margin_from_config(cfg)[0] != "cosface":
-            raise ValueError(f"distill='gkd' needs a CosFace margin_list (1.0, 0.0, m), got "
-                             f"{tuple(cfg.margin_list)}: GKD's student and teacher logits are "
-                             f"CosFace as in the official code (an ArcFace margin is refused, "
-                             f"not silently trained as CosFace)")
 
     @classmethod
     def from_config(cls, cfg, teacher_classifier: Optional[torch.Tensor] = None) -> "GKDHead":
@@ -174,9 +146,6 @@ class GKDHead(DistillHead):
                    warmup_epochs=cfg.gkd_warmup_epochs, sample_rate=cfg.sample_rate,
                    teacher_embedding_size=cfg.teacher_embedding_size,
                    tau_batch=cfg.get("gkd_tau_batch"), margin=kind)
-
-    def learned_classifier(self) -> Optional[torch.Tensor]:
-        return self.weight.detach()
 
     def forward(self, student: torch.Tensor, labels: torch.Tensor,
                 teacher: Optional[torch.Tensor] = None, epoch: float = 0.0
@@ -195,33 +164,21 @@ class GKDHead(DistillHead):
         if epoch < 0:
             raise ValueError(f"GKDHead.forward: epoch must be >= 0, got {epoch}")
         reduce = _Sharded() if rank_and_world()[1] > 1 else _Local()
-        f_s = all_gather_with_grad(student)
-        f_t = all_gather_no_grad(teacher.detach())
-        y = all_gather_no_grad(labels.to(student.device, torch.long))
-        check_labels_range(y, self.num_classes)
         group = self.tau_batch if self.tau_batch is not None else student.shape[0]
         if self.tau is not None:
-            _check_group(y.numel(), group, "GKDHead (tau_batch)")
-        index, column = select_classes(y - self.class_start, self.num_local, self.sample_rate)
-        weight, teacher_weight = self.weight, self.teacher_weight
+            _check_group(student.shape[0] * rank_and_world()[1], group, "GKDHead (tau_batch)")
+        logits = self.margin_logits(student, labels, teacher)
+        z_s, z_t, index = logits.student, logits.teacher, logits.index
         num_kept = self.num_classes
         if index is not None:
-            weight, teacher_weight = weight[index], teacher_weight[index]
-            count = torch.tensor([index.numel()], device=y.device)
+            count = torch.tensor([index.numel()], device=z_s.device)
             num_kept = int(reduce.sum(count).item())
         self.sampled_index = index
 
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        with torch.autocast(device_type=f_s.device.type, enabled=False):
-            rows = torch.nonzero(column >= 0).flatten()
-            cols = column[rows]
-            z_s = _margin_logits(f_s.to(dtype), weight.to(dtype), rows, cols, self.s, self.m)
-            with torch.no_grad():
-                z_t = _margin_logits(f_t.to(dtype), teacher_weight.to(dtype), rows, cols,
-                                     self.s, self.m)
+        with torch.autocast(device_type=z_s.device.type, enabled=False):
             target = torch.zeros_like(z_t, dtype=torch.bool)
-            target[rows, cols] = True
-            ce, _ = sharded_cross_entropy(z_s, column)
+            target[logits.rows, logits.cols] = True
+            ce, _ = sharded_cross_entropy(z_s, logits.column)
             parts = _gkd_parts(z_s, z_t, target, num_kept, self.temperature, self.alpha,
                                self.beta, self.lamda, self.k, self.tau, self.rank_by, self.k_step,
                                reduce, group)
@@ -234,12 +191,3 @@ class GKDHead(DistillHead):
         self.stats["k"] = torch.tensor(parts.k_used)
         return loss
 
-
-def _margin_logits(embeddings: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
-                   cols: torch.Tensor, s: float, m: float) -> torch.Tensor:
-    """CosFace logits ``s * (cos - m * onehot)`` ``[N, L]`` of ``embeddings [N, D]`` against the
-    class rows ``weight [L, D]``; the margin goes to the entries ``(rows, cols)``.  Built in place
-    on one fresh ``[N, L]`` tensor (the matmul output is not kept)."""
-    logits = F.linear(F.normalize(embeddings), F.normalize(weight)).mul_(s)
-    margin = torch.full((rows.numel(),), -s * m, dtype=logits.dtype, device=logits.device)
-    return logits.index_put_((rows, cols), margin, accumulate=True)

@@ -19,15 +19,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
-from ..distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world, shard_range
 from ..gkd import kd_warmup_weight
 from ..kd_terms import LogitKD
-from ..margin import check_batch, check_labels_range, select_classes, sharded_cross_entropy
-from .base import DistillHead, configured_teacher_classifier, margin_from_config
-from .gkd import _margin_logits
+from ..margin import check_batch, sharded_cross_entropy
+from .base import configured_teacher_classifier, margin_from_config
 from .registry import register_head
+from .teacher_logits import TeacherLogitsHead
 
 KD_KEYS = {
     "kd_temperature": (4.0, "kd: temperature T of the logit KD", (int, float)),
@@ -39,7 +37,7 @@ KD_KEYS = {
 
 @register_head("kd", needs_teacher=True, teacher_classifier="or_class_means", same_dim=False,
                keys=KD_KEYS)
-class KDHead(DistillHead):
+class KDHead(TeacherLogitsHead):
     """Student CosFace classifier shard + frozen teacher classifier shard + Hinton logit KD.
 
     Rank ``r`` owns classes ``[class_start, class_start + num_local)`` of both classifiers; the
@@ -61,40 +59,20 @@ class KDHead(DistillHead):
     ("teacher_weight",)``; ``stats``: ce, kd, kl, kd_weight.
     """
 
-    sharded_keys = ("weight", "teacher_weight")
-    frozen_keys = ("teacher_weight",)
+    logits_source = ("the KD baseline's student and teacher logits are CosFace as in the GKD "
+                     "release")
 
     def __init__(self, embedding_size: int, num_classes: int, teacher_weight: torch.Tensor,
                  s: float = 64.0, m: float = 0.4, temperature: float = 4.0, weight: float = 1.0,
                  warmup_epochs: float = 0, sample_rate: float = 1.0) -> None:
         super().__init__()
-        if embedding_size < 1 or num_classes < 1:
-            raise ValueError(f"KDHead needs embedding_size >= 1 and num_classes >= 1, got "
-                             f"{embedding_size} and {num_classes}")
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"KDHead sample_rate must lie in (0, 1], got {sample_rate}")
         if warmup_epochs < 0 or weight < 0:
             raise ValueError(f"KDHead: kd_warmup_epochs and kd_weight must be >= 0, got "
                              f"{warmup_epochs} and {weight}")
-        if not isinstance(teacher_weight, torch.Tensor) or teacher_weight.dim() != 2 \
-                or teacher_weight.shape[0] != num_classes:
-            found = list(teacher_weight.shape) if isinstance(teacher_weight, torch.Tensor) \
-                else type(teacher_weight).__name__
-            raise ValueError(f"KDHead teacher_weight: expected the teacher's classifier "
-                             f"[num_classes, D_t] = [{num_classes}, D_t], found {found}; set "
-                             f"config key 'teacher_classifier' or use a teacher cache's class "
-                             f"means")
         self.kd = LogitKD(temperature)
-        self.embedding_size, self.num_classes = embedding_size, num_classes
-        self.teacher_embedding_size = int(teacher_weight.shape[1])
-        self.s, self.m, self.kd_weight = float(s), float(m), float(weight)
-        self.warmup_epochs, self.sample_rate = warmup_epochs, float(sample_rate)
-        rank, world = rank_and_world()
-        self.class_start, self.num_local = shard_range(num_classes, rank, world)
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
-        rows = teacher_weight.detach()[self.class_start:self.class_start + self.num_local]
-        keep = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        self.register_buffer("teacher_weight", rows.to(keep).clone())
+        self.init_classifiers(embedding_size, num_classes, teacher_weight, None, s, m,
+                              sample_rate)
+        self.kd_weight, self.warmup_epochs = float(weight), warmup_epochs
 
     def extra_repr(self) -> str:
         return (f"classes={self.class_start}..{self.class_start + self.num_local - 1} of "
@@ -102,13 +80,6 @@ class KDHead(DistillHead):
                 f"D_t={self.teacher_embedding_size}, s={self.s}, m={self.m}, "
                 f"kd_weight={self.kd_weight}, warmup_epochs={self.warmup_epochs}, "
                 f"sample_rate={self.sample_rate}")
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        if margin_from_config(cfg)[0] != "cosface":
-            raise ValueError(f"distill='kd' needs a CosFace margin_list (1.0, 0.0, m), got "
-                             f"{tuple(cfg.margin_list)}: the KD baseline's student and teacher "
-                             f"logits are CosFace as in the GKD release")
 
     @classmethod
     def from_config(cls, cfg, teacher_classifier: Optional[torch.Tensor] = None) -> "KDHead":
@@ -120,9 +91,6 @@ class KDHead(DistillHead):
                    temperature=cfg.kd_temperature, weight=cfg.kd_weight,
                    warmup_epochs=cfg.kd_warmup_epochs, sample_rate=cfg.sample_rate)
 
-    def learned_classifier(self) -> Optional[torch.Tensor]:
-        return self.weight.detach()
-
     def forward(self, student: torch.Tensor, labels: torch.Tensor,
                 teacher: Optional[torch.Tensor] = None, epoch: float = 0.0) -> torch.Tensor:
         """Loss of the global batch: ``student [B, D_s]``, ``labels [B]``, ``teacher [B, D_t]``."""
@@ -131,23 +99,10 @@ class KDHead(DistillHead):
                     teacher_size=self.teacher_embedding_size)
         if epoch < 0:
             raise ValueError(f"KDHead.forward: epoch must be >= 0, got {epoch}")
-        f_s = all_gather_with_grad(student)
-        f_t = all_gather_no_grad(teacher.detach())
-        y = all_gather_no_grad(labels.to(student.device, torch.long))
-        check_labels_range(y, self.num_classes)
-        index, column = select_classes(y - self.class_start, self.num_local, self.sample_rate)
-        weight, teacher_weight = self.weight, self.teacher_weight
-        if index is not None:
-            weight, teacher_weight = weight[index], teacher_weight[index]
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        with torch.autocast(device_type=f_s.device.type, enabled=False):
-            rows = torch.nonzero(column >= 0).flatten()
-            cols = column[rows]
-            z_s = _margin_logits(f_s.to(dtype), weight.to(dtype), rows, cols, self.s, self.m)
-            with torch.no_grad():
-                z_t = _margin_logits(f_t.to(dtype), teacher_weight.to(dtype), rows, cols,
-                                     self.s, self.m)
-            ce, _ = sharded_cross_entropy(z_s, column)
+        logits = self.margin_logits(student, labels, teacher)
+        z_s, z_t = logits.student, logits.teacher
+        with torch.autocast(device_type=z_s.device.type, enabled=False):
+            ce, _ = sharded_cross_entropy(z_s, logits.column)
             kd = self.kd(z_s, z_t)
         ramp = kd_warmup_weight(epoch, self.warmup_epochs) * self.kd_weight
         self.stats = {"ce": ce.detach(), "kd": kd.detach(), "kl": self.kd.stats["kl"],

@@ -527,7 +527,7 @@ def score_pairs(template_feats: np.ndarray,
                 block_rows: int = 2048,
                 device: Optional[str] = None,
                 method: str = "auto",
-                block_cols: int = 256) -> np.ndarray:
+                block_cols: int = 2048) -> np.ndarray:
     """Pair scores ``[P]`` float32: ``<v_t1, v_t2>`` for every template pair.
 
     Two exact float32 methods (the same numbers as per-pair dot products up to float32
@@ -549,8 +549,9 @@ def score_pairs(template_feats: np.ndarray,
         block_rows: rows per GEMM block of the dense method.
         device: torch device for the products (default CPU).
         method: ``auto``, ``sampled`` or ``dense``.
-        block_cols: templates per column block of the sampled method (256 x 512 floats =
-            512 KB, a core's L2 here).
+        block_cols: templates per column block of the sampled method (2048 x 512 floats =
+            4 MB, inside the L3 cache; full IJB-C scale on 2 cores: 2048-4096 fastest, 256 and
+            the whole 23,124 about twice slower -- every block streams all ``T`` row features).
     """
     if method not in PAIR_METHODS:
         raise ValueError(f"method must be one of {PAIR_METHODS}, got {method!r}")

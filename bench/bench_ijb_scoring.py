@@ -7,13 +7,16 @@ Stages, from image features ``[N, 2D]`` to TAR@FAR (image extraction is not incl
    ``recognition/arcface_torch/eval_ijbc.py`` (``image2template_feature``): flip sum and detector
    scaling of every image, then a Python loop over templates with ``np.where`` per template and
    per media, a mean per media, a sum, and ``sklearn.preprocessing.normalize`` (float64 output);
-2. pair scoring -- ours: blocked float32 GEMM of template rows, scores gathered per block
-   (``ijb.score_pairs``); upstream-equivalent (``verification``): a template-id lookup table
-   filled by a Python loop, then batches of 100,000 pairs, both float64 rows gathered, multiplied
-   and summed;
-3. TAR@FAR -- ours: ``ijb.evaluate_scores`` (two value sorts + cumulative counts reproducing
-   ``roc_curve``, six points vectorised, AUC); upstream-equivalent: ``sklearn.metrics.roc_curve``,
-   ``flipud``, a Python ``min`` over ``zip(|fpr - far|, index)`` per FAR.
+2. pair scoring -- ours: only the P needed float32 dot products, as sampled dense-dense
+   products (``torch.sparse.sampled_addmm``) per column block of 2048 templates, the pairs put in
+   tile order by one counting sort (``ijb.score_pairs``, ``method="auto"`` -> ``sampled`` at
+   IJB-C's 5.9 % pair density); upstream-equivalent (``verification``): a template-id lookup
+   table filled by a Python loop, then batches of 100,000 pairs, both float64 rows gathered,
+   multiplied and summed;
+3. TAR@FAR -- ours: ``ijb.evaluate_scores`` (two value sorts + counts reproducing ``roc_curve``,
+   the drop rule read from count changes, six points, AUC); upstream-equivalent:
+   ``sklearn.metrics.roc_curve``, ``flipud``, a Python ``min`` over ``zip(|fpr - far|, index)``
+   per FAR.
 
 The upstream-equivalent functions below are written for this bench from that algorithm (no code
 copied).  Every stage of both sides runs in the same process, interleaved: each round runs ours
@@ -21,8 +24,10 @@ then upstream (odd rounds) or upstream then ours (even rounds); min and median o
 are printed with their ratios.  Agreement is checked on round 1: template features, scores, the
 ROC point set against ``roc_curve`` (array-equal), and TAR@FAR of BOTH rules (``closest``: the
 published reading, equal to upstream's ``min(zip(...))``; ``strict``: FPR <= target, read from
-sklearn's curve) -- all must be identical.  Peak memory is the resident-set growth over the
-stage's start, sampled every 5 ms.
+sklearn's curve) -- all must be identical.  Peak memory: per stage, the resident-set growth over
+the stage's start (sampled every 5 ms; the stage's inputs already resident, its outputs counted),
+max over rounds; and over the whole side run.  The 1-minute load average is printed at the start
+and the end (other processes share the cores; both sides see the same load, interleaved).
 
 Synthetic data at IJB-C scale ``s = 1`` (``--scale 1``): 469,375 images, 23,124 templates,
 15,658,489 pairs (19,557 genuine), D = 512 (features ``[N, 1024]`` float32, 1.9 GB).  ``--scale s``
@@ -167,37 +172,51 @@ class PeakRSS:
         self.growth = self.peak - self.base
 
 
+class Stage:
+    """Time and resident-set peak growth of one stage: ``times[name]``, ``peaks[name]``."""
+
+    def __init__(self, name, times, peaks):
+        self.name, self.times, self.peaks = name, times, peaks
+
+    def __enter__(self):
+        self.rss = PeakRSS().__enter__()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.times[self.name] = time.perf_counter() - self.start
+        self.rss.__exit__(*exc)
+        self.peaks[self.name] = self.rss.growth
+
+
 def run_ours(data):
     feats, det, templates, medias, pairs, labels = data
-    times, out = {}, {}
-    with PeakRSS() as peak:
-        start = time.perf_counter()
-        out["tfeats"], out["tids"] = ijb.template_features(feats, det, templates, medias)
-        times["templates"] = time.perf_counter() - start
-        start = time.perf_counter()
-        out["scores"] = ijb.score_pairs(out["tfeats"], out["tids"], pairs)
-        times["pairs"] = time.perf_counter() - start
-        start = time.perf_counter()
-        report = ijb.evaluate_scores(labels, out["scores"], "closest")
-        times["tar_at_far"] = time.perf_counter() - start
+    times, peaks, out = {}, {}, {}
+    with PeakRSS() as total:
+        with Stage("templates", times, peaks):
+            out["tfeats"], out["tids"] = ijb.template_features(feats, det, templates, medias)
+        with Stage("pairs", times, peaks):
+            out["scores"] = ijb.score_pairs(out["tfeats"], out["tids"], pairs)
+        with Stage("tar_at_far", times, peaks):
+            report = ijb.evaluate_scores(labels, out["scores"], "closest")
     out["tar"] = [report["tar_at_far"][ijb.far_key(f)] for f in ijb.FARS]
-    return times, out, peak.growth
+    peaks["total"] = total.growth
+    return times, out, peaks
 
 
 def run_upstream(data):
     feats, det, templates, medias, pairs, labels = data
-    times, out = {}, {}
-    with PeakRSS() as peak:
-        start = time.perf_counter()
-        out["tfeats"], out["tids"] = upstream_templates(feats, det, templates, medias)
-        times["templates"] = time.perf_counter() - start
-        start = time.perf_counter()
-        out["scores"] = upstream_verification(out["tfeats"], out["tids"], pairs[:, 0], pairs[:, 1])
-        times["pairs"] = time.perf_counter() - start
-        start = time.perf_counter()
-        out["tar"] = upstream_tar(labels, out["scores"])
-        times["tar_at_far"] = time.perf_counter() - start
-    return times, out, peak.growth
+    times, peaks, out = {}, {}, {}
+    with PeakRSS() as total:
+        with Stage("templates", times, peaks):
+            out["tfeats"], out["tids"] = upstream_templates(feats, det, templates, medias)
+        with Stage("pairs", times, peaks):
+            out["scores"] = upstream_verification(out["tfeats"], out["tids"], pairs[:, 0],
+                                                  pairs[:, 1])
+        with Stage("tar_at_far", times, peaks):
+            out["tar"] = upstream_tar(labels, out["scores"])
+    peaks["total"] = total.growth
+    return times, out, peaks
 
 
 def check_agreement(labels, ours, upstream):
@@ -249,8 +268,9 @@ def main() -> None:
 
     stages = ("templates", "pairs", "tar_at_far")
     times = {"ours": [], "upstream": []}
-    peaks = {"ours": 0, "upstream": 0}
+    peaks = {"ours": {}, "upstream": {}}
     agreement = None
+    print(f"load average (1, 5, 15 min) at start: {os.getloadavg()}", flush=True)
     for r in range(args.rounds):
         order = ("ours", "upstream") if r % 2 == 0 else ("upstream", "ours")
         outputs = {}
@@ -258,25 +278,28 @@ def main() -> None:
             t, outputs[side], growth = (run_ours if side == "ours" else run_upstream)(data)
             t["total"] = sum(t.values())
             times[side].append(t)
-            peaks[side] = max(peaks[side], growth)
+            for k, v in growth.items():
+                peaks[side][k] = max(peaks[side].get(k, 0), v)
             print(f"round {r + 1} {side:<9}" + "  ".join(f"{k} {v:7.2f} s" for k, v in t.items()),
                   flush=True)
         if agreement is None:
             agreement = check_agreement(labels, outputs["ours"], outputs["upstream"])
         del outputs
 
-    print(f"\n{'stage':<12}{'ours min/med (s)':>20}{'upstream min/med (s)':>24}"
-          f"{'ratio min/med':>16}")
+    mib = 2 ** 20
+    print(f"\n{'stage':<12}{'ours min/med (s)':>18}{'upstream min/med (s)':>23}"
+          f"{'ratio min/med':>16}{'peak MiB ours/upstream':>25}")
     for stage in stages + ("total",):
         ours = [t[stage] for t in times["ours"]]
         ups = [t[stage] for t in times["upstream"]]
         o_min, o_med, u_min, u_med = min(ours), statistics.median(ours), min(ups), \
             statistics.median(ups)
-        print(f"{stage:<12}{o_min:>9.2f} /{o_med:>7.2f}{u_min:>13.2f} /{u_med:>7.2f}"
-              f"{u_min / o_min:>9.1f}x /{u_med / o_med:>5.1f}x")
-    print(f"peak resident-set growth during the stages: ours {peaks['ours'] / 2**20:,.0f} MiB, "
-          f"upstream-equivalent {peaks['upstream'] / 2**20:,.0f} MiB "
-          f"(input features {feats.nbytes / 2**20:,.0f} MiB, not counted)")
+        print(f"{stage:<12}{o_min:>8.2f} /{o_med:>7.2f}{u_min:>12.2f} /{u_med:>7.2f}"
+              f"{u_min / o_min:>10.1f}x /{u_med / o_med:>5.1f}x"
+              f"{peaks['ours'][stage] / mib:>15,.0f} /{peaks['upstream'][stage] / mib:>7,.0f}")
+    print(f"(peak MiB: resident-set growth over the stage's start, max over rounds; 'total' over "
+          f"the whole side run; input features {feats.nbytes / mib:,.0f} MiB not counted)")
+    print(f"load average (1, 5, 15 min) at end: {os.getloadavg()}")
     lines, identical = agreement
     print("\n".join(lines))
     print(f"all TAR@FAR identical (both rules): {identical}")

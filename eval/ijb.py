@@ -353,27 +353,35 @@ def template_features(img_feats: np.ndarray,
     if feats.dtype != np.float32:
         feats = feats.astype(np.float32)
     summed = weights @ feats                                                  # [T, 2D] float32
-    acc = summed[:, :dim].astype(np.float64) + summed[:, dim:]
-    norm = np.linalg.norm(acc, axis=1, keepdims=True)
-    acc /= np.where(norm > 0, norm, 1.0)
+    acc = summed[:, :dim].astype(np.float64)
+    acc += summed[:, dim:]
+    norm = np.sqrt(np.einsum("ij,ij->i", acc, acc))                          # one pass, no temp
+    acc /= np.where(norm > 0, norm, 1.0)[:, None]
     return acc.astype(np.float32), unique_templates
 
 
 def template_rows(unique_templates: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Row of each template id in ``unique_templates`` (sorted): a lookup table when the ids
-    are small non-negative integers (IJB ids are < 200,000), else a binary search.
+    """Row of each template id in ``unique_templates`` (sorted), as int32 (int64 from 2^31
+    templates): a lookup table when the ids are small non-negative integers (IJB ids are
+    < 200,000; one clipped gather, the table's last slot and, when 0 is not an id, its first
+    slot marking ids outside it), else a binary search.
 
     Raises ValueError if an id has no row."""
     ids = np.asarray(ids)
     num = len(unique_templates)
+    dtype = np.int32 if num < 2 ** 31 - 1 else np.int64
+    if ids.size == 0:
+        return np.empty(ids.shape, dtype=dtype)
     if num and unique_templates[0] >= 0 and unique_templates[-1] < max(4 * ids.size, 1 << 22):
-        lookup = np.full(int(unique_templates[-1]) + 1, -1, dtype=np.int64)
-        lookup[unique_templates] = np.arange(num)
-        inside = (ids >= 0) & (ids < lookup.size)
-        rows = np.where(inside, lookup[np.where(inside, ids, 0)], -1)
+        lookup = np.full(int(unique_templates[-1]) + 2, -1, dtype=dtype)
+        lookup[unique_templates] = np.arange(num, dtype=dtype)
+        inside = ids
+        if unique_templates[0] == 0 and ids.min() < 0:
+            inside = np.where(ids < 0, lookup.size - 1, ids)
+        rows = np.take(lookup, inside, mode="clip")        # ids < 0 -> slot 0, too large -> last
         valid = rows >= 0
     else:
-        rows = np.searchsorted(unique_templates, ids)
+        rows = np.searchsorted(unique_templates, ids).astype(dtype)
         valid = (rows < num) & (unique_templates[np.minimum(rows, num - 1)] == ids)
     if not valid.all():
         raise ValueError(f"template id {ids[~valid].flat[0]} has no features (no image of it in "
@@ -381,45 +389,119 @@ def template_rows(unique_templates: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return rows
 
 
-def score_pairs(template_feats: np.ndarray,
-                unique_templates: np.ndarray,
-                pairs: np.ndarray,
-                block_rows: int = 2048,
-                device: Optional[str] = None) -> np.ndarray:
-    """Pair scores ``[P]`` float32: ``<v_t1, v_t2>`` for every template pair.
+def _smallest_uint(bound: int) -> type:
+    """The narrowest unsigned dtype holding ``0 .. bound - 1`` (radix argsort below 17 bits)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if bound <= np.iinfo(dtype).max + 1:
+            return dtype
+    return np.int64
 
-    The score is symmetric, so each pair is put as (lower row a, higher row b).  Pairs are
-    bucketed by the block of ``block_rows`` templates holding ``a`` (radix argsort on the block
-    number); each block is multiplied in float32 with the templates from the block's first row
-    on (or only those its pairs need, when fewer than half), and the scores are gathered from
-    that product: about ``T^2 D / 2`` multiply-adds in large GEMMs instead of ``P`` scattered
-    dot products.  Same numbers as per-pair dot products up to float32 rounding.
+
+def _block_of(index: np.ndarray, size: int) -> Tuple[np.ndarray, int]:
+    """``index // size`` in the narrowest unsigned dtype, and the number of blocks."""
+    top = int(index.max()) if index.size else 0
+    if size > top:
+        return np.zeros(index.size, dtype=np.uint8), 1
+    num_blocks = top // size + 1
+    return (index // index.dtype.type(size)).astype(_smallest_uint(num_blocks)), num_blocks
+
+
+def pair_tiles(first: np.ndarray, second: np.ndarray, num_templates: int, block_cols: int
+               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Group the pairs by tile: column block ``second // block_cols``, then first row.
+
+    One linear counting sort (no comparison sort): the pair indices ``0 .. P-1`` are the
+    columns of a ``[num_blocks * T, P]`` CSR matrix whose row is the tile key
+    ``block * T + first`` and whose value is ``second``'s column inside its block, plus one
+    (``scipy.sparse`` builds it by a stable bucket pass; no value is zero and no (row, column)
+    repeats, so nothing is summed or dropped -- checked).  Its ``indices`` are the pair order
+    (within a key, input order), its ``data`` the column offsets in that order, and
+    ``indptr[k T : (k + 1) T + 1]`` (less its first entry) the CSR row pointer of column block
+    ``k``.  ``block_cols`` is raised while ``num_blocks * T`` exceeds ``4 P + 2^20`` (bounded
+    memory for many templates and few pairs).
 
     Args:
-        template_feats: ``[T, D]`` float32 (L2-normalised). unique_templates: ``[T]`` sorted ids.
-        pairs: ``[P, 2]`` template ids.
-        block_rows: templates per block (memory: ``block_rows x T`` floats).
-        device: torch device for the products (default CPU).
+        first, second: ``[P]`` template rows (``0 <= row < T``).
+        num_templates: ``T``. block_cols: templates per column block.
+
+    Returns:
+        order ``[P]`` (int32 below 2^31 pairs), indptr ``[num_blocks * T + 1]``, offsets ``[P]``
+        (column of each ordered pair inside its block, plus one), the block_cols used.
     """
-    num_templates = len(unique_templates)
-    rows = template_rows(unique_templates, pairs)
-    low, high = np.minimum(rows[:, 0], rows[:, 1]), np.maximum(rows[:, 0], rows[:, 1])
-    num_blocks = (num_templates + block_rows - 1) // block_rows
-    block = (low // block_rows).astype(np.uint16 if num_blocks < 65535 else np.int64)
+    import scipy.sparse
+
+    num_pairs = first.size
+    block_cols = max(1, min(block_cols, num_templates))
+    while -(-num_templates // block_cols) * num_templates > 4 * num_pairs + (1 << 20):
+        block_cols *= 2
+    num_blocks = -(-num_templates // block_cols)
+    num_keys = num_blocks * num_templates
+    dtype = np.int32 if max(num_keys, num_pairs, num_templates + 1) < 2 ** 31 - 1 else np.int64
+    block, offset = np.divmod(second.astype(dtype), dtype(block_cols))
+    offset += 1
+    key = block
+    key *= num_templates
+    key += first
+    grouped = scipy.sparse.csr_matrix((offset, (key, np.arange(num_pairs, dtype=dtype))),
+                                      shape=(num_keys, num_pairs))
+    if grouped.nnz != num_pairs:
+        raise RuntimeError(f"scipy.sparse grouped {grouped.nnz} of {num_pairs} pairs")
+    return grouped.indices, grouped.indptr, grouped.data, block_cols
+
+
+def _score_pairs_sampled(feats: torch.Tensor, first: np.ndarray, second: np.ndarray,
+                         block_cols: int) -> np.ndarray:
+    """``<feats[first_p], feats[second_p]>`` for every pair, only those: per column block of
+    ``block_cols`` templates, one sampled product ``torch.sparse.sampled_addmm`` (SDDMM) whose
+    CSR pattern holds the block's pairs, rows = first templates (visited in ascending order),
+    columns = the block's templates (a slab small enough to stay in cache)."""
+    num_templates = feats.shape[0]
+    order, indptr, offsets, block_cols = pair_tiles(first, second, num_templates, block_cols)
+    scores = np.empty(first.size, dtype=np.float32)
+    with warnings.catch_warnings():   # "sparse CSR support is in beta state"
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*", category=UserWarning)
+        for col0 in range(0, num_templates, block_cols):
+            seg = indptr[col0 // block_cols * num_templates:][:num_templates + 1]
+            start, stop = int(seg[0]), int(seg[-1])
+            if start == stop:
+                continue
+            col1 = min(col0 + block_cols, num_templates)
+            crow = torch.from_numpy(seg.astype(np.int64) - start)
+            col = torch.from_numpy(offsets[start:stop].astype(np.int64) - 1)
+            other = feats[col0:col1]
+            # torch caps a CSR's nnz at rows x cols; only repeated pairs can exceed it (tiny
+            # inputs): zero columns widen the block then, none of them is referenced
+            extra = -(-(stop - start) // num_templates) - (col1 - col0)
+            if extra > 0:
+                other = torch.cat([other, other.new_zeros(extra, other.shape[1])])
+            pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(stop - start),
+                                              size=(num_templates, other.shape[0]),
+                                              check_invariants=False).to(feats.device)
+            product = torch.sparse.sampled_addmm(pattern, feats, other.T, beta=0.0)
+            # intp indices: numpy scatters faster with them than with int32 ones
+            scores[order[start:stop].astype(np.intp)] = product.values().cpu().numpy()
+    return scores
+
+
+def _score_pairs_dense(feats: torch.Tensor, low: np.ndarray, high: np.ndarray,
+                       block_rows: int) -> np.ndarray:
+    """Every ``<v_a, v_b>`` of the upper triangle by blocked float32 GEMMs, then gathered:
+    ``low <= high`` rows; pairs bucketed by the block of ``block_rows`` templates holding
+    ``low``; each block multiplied with the templates from its first row on (or only those its
+    pairs need, when fewer than half), one product buffer reused for every block."""
+    num_templates = feats.shape[0]
+    block, num_blocks = _block_of(low, block_rows)
     order = np.argsort(block, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(block, minlength=num_blocks))])
-    feats = torch.from_numpy(np.ascontiguousarray(template_feats, dtype=np.float32))
-    feats = feats.to(device) if device else feats
-    scores = np.empty(len(pairs), dtype=np.float32)
+    scores = np.empty(len(low), dtype=np.float32)
     col_pos = np.empty(num_templates, dtype=np.int64)
-    # one product buffer for every block (no fresh block_rows x T allocation per block)
     buffer = torch.empty(min(block_rows, num_templates) * num_templates, device=feats.device)
     for k in range(num_blocks):
         sel = order[bounds[k]:bounds[k + 1]]
         if sel.size == 0:
             continue
         row0 = k * block_rows
-        a, b = low[sel] - row0, high[sel]
+        a, b = low[sel].astype(np.int64) - row0, high[sel].astype(np.int64)
         needed = np.zeros(num_templates, dtype=bool)
         needed[b] = True
         cols = np.flatnonzero(needed)
@@ -436,6 +518,69 @@ def score_pairs(template_feats: np.ndarray,
     return scores
 
 
+PAIR_METHODS = ("auto", "sampled", "dense")
+
+
+def score_pairs(template_feats: np.ndarray,
+                unique_templates: np.ndarray,
+                pairs: np.ndarray,
+                block_rows: int = 2048,
+                device: Optional[str] = None,
+                method: str = "auto",
+                block_cols: int = 2048) -> np.ndarray:
+    """Pair scores ``[P]`` float32: ``<v_t1, v_t2>`` for every template pair.
+
+    Two exact float32 methods (the same numbers as per-pair dot products up to float32
+    summation order):
+
+    * ``sampled``: only the ``P`` needed dot products (``P D`` multiply-adds), as sampled dense
+      products (SDDMM) tile by tile: pairs grouped by column block of ``block_cols`` templates
+      (a slab that stays in cache) and by first template (:func:`pair_tiles`, one counting
+      sort), one ``torch.sparse.sampled_addmm`` per block.
+    * ``dense``: the whole upper triangle of template similarities by blocked GEMMs (``T^2 D / 2``
+      multiply-adds, memory ``block_rows x T`` floats), scores gathered from it.
+
+    ``auto`` takes ``sampled`` unless the pairs cover more than a tenth of the ``T (T + 1) / 2``
+    template pairs (IJB-C: 15.7M of 267M, 5.9 %; a GEMM wastes 17x the multiply-adds there).
+
+    Args:
+        template_feats: ``[T, D]`` float32 (L2-normalised). unique_templates: ``[T]`` sorted ids.
+        pairs: ``[P, 2]`` template ids, any order, repeats allowed.
+        block_rows: rows per GEMM block of the dense method.
+        device: torch device for the products (default CPU).
+        method: ``auto``, ``sampled`` or ``dense``.
+        block_cols: templates per column block of the sampled method (2048 x 512 floats =
+            4 MB, inside the L3 cache; full IJB-C scale on 2 cores: 2048-4096 fastest, 256 and
+            the whole 23,124 about twice slower -- every block streams all ``T`` row features).
+    """
+    if method not in PAIR_METHODS:
+        raise ValueError(f"method must be one of {PAIR_METHODS}, got {method!r}")
+    pairs = np.asarray(pairs)
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must be [P, 2] template ids, got {list(pairs.shape)}")
+    num_templates = len(unique_templates)
+    if template_feats.shape[0] != num_templates:
+        raise ValueError(f"template_feats has {template_feats.shape[0]} rows for "
+                         f"{num_templates} template ids")
+    if block_rows < 1 or block_cols < 1:
+        raise ValueError(f"block_rows and block_cols must be >= 1, got {block_rows}, "
+                         f"{block_cols}")
+    rows = template_rows(unique_templates, pairs)
+    if len(pairs) == 0:
+        return np.empty(0, dtype=np.float32)
+    feats = torch.from_numpy(np.ascontiguousarray(template_feats, dtype=np.float32))
+    feats = feats.to(device) if device else feats
+    small = _smallest_uint(max(num_templates, 1))
+    if method == "auto":
+        method = "sampled" if len(pairs) <= 0.1 * num_templates * (num_templates + 1) / 2 \
+            else "dense"
+    if method == "sampled":
+        return _score_pairs_sampled(feats, rows[:, 0], rows[:, 1], block_cols)
+    low = np.minimum(rows[:, 0], rows[:, 1]).astype(small)
+    high = np.maximum(rows[:, 0], rows[:, 1]).astype(small)
+    return _score_pairs_dense(feats, low, high, block_rows)
+
+
 # --------------------------------------------------------------------------- scores -> TAR@FAR
 
 @dataclass(frozen=True)
@@ -448,10 +593,19 @@ class OperatingPoint:
     threshold: float
 
 
-def _distinct_sorted(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Distinct values of an ascending array and how often each occurs."""
-    starts = np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
-    return values[starts], np.diff(np.append(starts, values.size))
+def _distinct_sorted(values: np.ndarray, count_dtype: type = np.int64
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+    """Distinct values of an ascending array and how often each occurs (``count_dtype``)."""
+    if values.size == 0:
+        return values, np.zeros(0, dtype=count_dtype)
+    new = np.empty(values.size, dtype=bool)
+    new[0] = True
+    np.not_equal(values[1:], values[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    counts = np.empty(starts.size, dtype=count_dtype)
+    np.subtract(starts[1:], starts[:-1], out=counts[:-1], casting="unsafe")
+    counts[-1] = values.size - starts[-1]
+    return values[starts], counts
 
 
 def roc(labels: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -459,11 +613,14 @@ def roc(labels: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray,
     bit for bit, from one value sort per class instead of an argsort of all ``P`` scores.
 
     Genuine and impostor scores are sorted separately (no index array); ties are grouped into
-    distinct values with their counts; the genuine values are merged into the impostor ones
-    (insertion at binary-search positions); descending cumulative counts give ``tps``/``fps``
-    at every distinct threshold; the points where the second difference of both is zero are
-    dropped (sklearn's rule), ``(0, 0, inf)`` is prepended, ``fpr = fps / fps[-1]``,
-    ``tpr = tps / tps[-1]`` in float64 from integer counts -- the same numbers sklearn gets.
+    distinct values with their counts; the few genuine values are merged into the impostor ones
+    (insertion at binary-search positions).  In descending threshold order, with ``c_i`` the
+    (impostor, genuine) counts at distinct threshold ``i``, sklearn's rule "drop where the second
+    difference of both ``fps`` and ``tps`` is zero" keeps an inner point ``i`` iff
+    ``c_(i+1) != c_i`` -- one comparison of the counts, no second differences; ``fps``/``tps``
+    (cumulative counts) are then read at the kept points only; ``(0, 0, inf)`` is prepended,
+    ``fpr = fps / fps[-1]``, ``tpr = tps / tps[-1]`` in float64 from integer counts -- the same
+    numbers sklearn gets.  Counts are int32 when ``P < 2^31`` (less memory traffic).
 
     Returns ``fpr``, ``tpr``, ``thresholds`` (float64, thresholds descending from ``inf``).
     """
@@ -474,31 +631,38 @@ def roc(labels: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray,
     genuine = labels == 1
     if not ((labels == 0) | genuine).all():
         raise ValueError("labels must be 0 (impostor) or 1 (genuine)")
-    if not (genuine.any() and not genuine.all()):
+    num_genuine = int(np.count_nonzero(genuine))
+    if not 0 < num_genuine < labels.size:
         raise ValueError("TAR@FAR needs both genuine (1) and impostor (0) pairs")
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(np.float64)
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN or inf")
-    imp_values, imp_counts = _distinct_sorted(np.sort(scores[~genuine]))
-    gen_values, gen_counts = _distinct_sorted(np.sort(scores[genuine]))
+    count_dtype = np.int32 if labels.size < 2 ** 31 - 1 else np.int64
+    imp_values, imp_counts = _distinct_sorted(np.sort(scores[~genuine]), count_dtype)
+    gen_values, gen_counts = _distinct_sorted(np.sort(scores[genuine]), count_dtype)
     pos = np.searchsorted(imp_values, gen_values)
-    fresh = (pos == imp_values.size) | (imp_values[np.minimum(pos, imp_values.size - 1)]
-                                         != gen_values)
+    fresh = pos == imp_values.size
+    fresh[~fresh] = imp_values[pos[~fresh]] != gen_values[~fresh]
     values = np.insert(imp_values, pos[fresh], gen_values[fresh])           # ascending, distinct
     fp_counts = np.insert(imp_counts, pos[fresh], 0)
-    tp_counts = np.zeros(values.size, dtype=np.int64)
-    tp_counts[np.searchsorted(values, gen_values)] = gen_counts
-    fps = np.cumsum(fp_counts[::-1])                                         # descending thresholds
-    tps = np.cumsum(tp_counts[::-1])
-    thresholds = values[::-1].astype(np.float64)
-    if fps.size > 2:
-        keep = np.flatnonzero(np.concatenate([[True], (np.diff(fps, 2) != 0)
-                                              | (np.diff(tps, 2) != 0), [True]]))
-        fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
-    fps = np.concatenate([[0], fps]).astype(np.float64)
-    tps = np.concatenate([[0], tps]).astype(np.float64)
-    thresholds = np.concatenate([[np.inf], thresholds])
+    tp_counts = np.zeros(values.size, dtype=count_dtype)
+    # merged position of genuine value j: its impostor position + fresh values inserted before
+    tp_counts[pos + np.cumsum(fresh) - fresh] = gen_counts
+    fp_desc, tp_desc = fp_counts[::-1], tp_counts[::-1]                      # descending views
+    size = values.size
+    keep = np.ones(size, dtype=bool)
+    if size > 2:
+        np.not_equal(fp_desc[2:], fp_desc[1:-1], out=keep[1:-1])
+        keep[1:-1] |= tp_desc[2:] != tp_desc[1:-1]
+    kept = np.flatnonzero(keep)
+    fps = np.zeros(kept.size + 1)
+    tps = np.zeros(kept.size + 1)
+    fps[1:] = np.cumsum(fp_desc, dtype=count_dtype)[kept]
+    tps[1:] = np.cumsum(tp_desc, dtype=count_dtype)[kept]
+    thresholds = np.empty(kept.size + 1)
+    thresholds[0] = np.inf
+    thresholds[1:] = values[size - 1 - kept]
     return fps / fps[-1], tps / tps[-1], thresholds
 
 

@@ -329,13 +329,14 @@ def _lattice_ijb(seed, num_templates=60, dim=16, num_pairs=4000):
 
 
 @pytest.mark.parametrize("rule", ["closest", "strict"])
-@pytest.mark.parametrize("block_rows", [7, 2048])
-def test_fast_path_tar_equals_float64_reference_with_ties(rule, block_rows):
+@pytest.mark.parametrize("method, block", [("sampled", 1), ("sampled", 7), ("sampled", 4096),
+                                           ("dense", 7), ("dense", 2048), ("auto", 256)])
+def test_fast_path_tar_equals_float64_reference_with_ties(rule, method, block):
     feats, det, templates, medias, pairs, labels = _lattice_ijb(seed=3)
     tfeats, tids = ijb.template_features(feats, det, templates, medias)
     reference = reference_templates(feats, det, templates, medias)
     np.testing.assert_allclose(tfeats, np.stack([reference[t] for t in tids]), rtol=0, atol=1e-6)
-    ours = ijb.score_pairs(tfeats, tids, pairs, block_rows=block_rows)
+    ours = ijb.score_pairs(tfeats, tids, pairs, block_rows=block, method=method, block_cols=block)
     expected = reference_scores(feats, det, templates, medias, pairs)
     assert np.unique(expected).size < 40 < len(pairs)                 # heavily tied scores
     np.testing.assert_array_equal(ours.astype(np.float64), expected)   # exact lattice values
@@ -396,3 +397,66 @@ def test_roc_rejects_bad_input():
         ijb.roc(np.array([0, 1]), np.array([0.1, np.nan]))
     with pytest.raises(ValueError, match="must be \\[P\\]"):
         ijb.roc(np.array([0, 1]), np.zeros(3))
+
+
+@pytest.mark.parametrize("method", ["sampled", "dense"])
+def test_pair_scores_edge_cases_equal_float64_dots(method):
+    """Unsorted pair list, repeated pairs (both orders), self pairs, templates in no pair,
+    one block, blocks of 1 template, blocks smaller than the template count."""
+    rng = np.random.default_rng(11)
+    vecs = rng.standard_normal((37, 24)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = np.sort(rng.choice(5000, 37, replace=False))
+    used = rng.choice(37, 30, replace=False)                    # 7 templates in no pair
+    rows = used[rng.integers(0, 30, (500, 2))]
+    rows[:6] = [[3, 3], [used[0], used[1]], [used[1], used[0]], [used[0], used[1]],
+                [36, 0], [0, 36]]
+    rows = np.concatenate([rows, rows[::-1][:50]])              # a reversed block of repeats
+    pairs = ids[rows]
+    assert not (np.diff(pairs[:, 0]) >= 0).all()                # not sorted
+    want = np.einsum("ij,ij->i", vecs[rows[:, 0]].astype(np.float64), vecs[rows[:, 1]])
+    for block in (1, 4, 36, 37, 1000):
+        got = ijb.score_pairs(vecs, ids, pairs, method=method, block_rows=block,
+                              block_cols=block)
+        assert got.dtype == np.float32 and got.shape == (len(pairs),)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        assert got[1] == got[2] == got[3] and got[4] == got[5]  # repeats and swaps agree
+    sorted_rows = np.argsort(pairs[:, 0], kind="stable")        # a sorted list gives the same
+    np.testing.assert_array_equal(
+        ijb.score_pairs(vecs, ids, pairs[sorted_rows], method=method),
+        ijb.score_pairs(vecs, ids, pairs, method=method)[sorted_rows])
+    assert ijb.score_pairs(vecs, ids, np.zeros((0, 2), dtype=np.int64), method=method).shape \
+        == (0,)
+
+
+def test_pair_tiles_group_by_block_then_row():
+    rng = np.random.default_rng(2)
+    first, second = rng.integers(0, 50, 3000), rng.integers(0, 50, 3000)
+    order, indptr, offsets, used = ijb.pair_tiles(first, second, 50, 8)
+    assert used == 8 and indptr.shape == (7 * 50 + 1,) and indptr[-1] == 3000
+    assert sorted(order.tolist()) == list(range(3000))
+    key = (second // 8) * 50 + first
+    assert (np.diff(key[order]) >= 0).all()                     # grouped by (block, row)
+    same = np.diff(key[order]) == 0
+    assert (np.diff(order)[same] > 0).all()                     # stable inside a group
+    np.testing.assert_array_equal(offsets - 1, second[order] % 8)
+    np.testing.assert_array_equal(indptr, np.searchsorted(key[order], np.arange(351)))
+    # many templates, few pairs: the block grows until the key count is bounded
+    _, indptr, _, used = ijb.pair_tiles(np.array([0, 5]), np.array([9, 3]), 1 << 20, 16)
+    assert indptr.size - 1 <= 4 * 2 + (1 << 20) and used > 16
+
+
+def test_template_rows_edge_ids():
+    with_zero = np.array([0, 4, 9])
+    assert ijb.template_rows(with_zero, np.array([[9, 0], [4, 4]])).tolist() == [[2, 0], [1, 1]]
+    with pytest.raises(ValueError, match="template id -3 has no features"):
+        ijb.template_rows(with_zero, np.array([0, -3]))
+    with pytest.raises(ValueError, match="template id 10 has no features"):
+        ijb.template_rows(with_zero, np.array([10, 0]))
+    with pytest.raises(ValueError, match="template id -1 has no features"):
+        ijb.template_rows(np.array([2, 4]), np.array([4, -1]))
+    with pytest.raises(ValueError, match="method must be one of"):
+        ijb.score_pairs(np.eye(3, dtype=np.float32), with_zero, np.array([[0, 4]]),
+                        method="gemm")
+    with pytest.raises(ValueError, match=r"pairs must be \[P, 2\]"):
+        ijb.score_pairs(np.eye(3, dtype=np.float32), with_zero, np.array([0, 4]))

@@ -43,7 +43,7 @@ from tools.kd_bench import (BASELINE, aggregate, cached_result, config_digest,  
                            job_folder, markdown_tables, merged_task, method_table, plot_summary)
 from tools.kd_bench_jobs import make_data, train_and_eval, train_teacher  # noqa: E402
 
-CODE_VERSION = 1    # bump when a change of the harness should invalidate cached runs
+CODE = kd_bench.code_digest(REPO)     # runs made by other code are not reused
 
 
 def slug(name: str) -> str:
@@ -55,7 +55,7 @@ def teacher_job(task: Dict[str, Any], data_root: str, data_digest: str, root: st
                 ) -> Dict[str, Any]:
     """The teacher's job: its config, digest and folder."""
     config = dict(task["shared"], **task["teacher"])
-    digest = config_digest({"data": data_digest, "config": config, "code": CODE_VERSION})
+    digest = config_digest({"data": data_digest, "config": config, "code": CODE})
     output = job_folder(root, "teacher", digest)
     config.update(rec=data_root, num_classes=task["data"]["num_ids"],
                   num_image=task["data"]["num_ids"] * task["data"]["images_per_id"],
@@ -74,7 +74,7 @@ def student_jobs(task: Dict[str, Any], methods: Sequence[kd_bench.Method], data_
             config.update(method.config)
             config["seed"] = int(seed)
             distill = config["distill"]
-            identity = {"data": data_digest, "config": config, "code": CODE_VERSION,
+            identity = {"data": data_digest, "config": config, "code": CODE,
                         "teacher": teacher["digest"] if distill != "none" else None}
             digest = config_digest(identity)
             output = os.path.join(root, "runs", f"{slug(method.name)}_s{seed}_{digest[:12]}")

@@ -27,28 +27,28 @@ BASELINE = "student alone"
 
 # The synthetic task: data sizes, networks, the shared schedule.  ``quick`` overrides a few keys.
 TASK: Dict[str, Any] = {
-    "data": {"num_ids": 1000, "images_per_id": 16, "data_seed": 0, "bin_pairs": 1000,
-             "bin_ids": 200, "ijb_ids": 200, "ijb_templates_per_id": 4,
+    "data": {"num_ids": 200, "images_per_id": 24, "data_seed": 0, "bin_pairs": 600,
+             "bin_ids": 100, "ijb_ids": 100, "ijb_templates_per_id": 4,
              "ijb_medias_per_template": 2, "ijb_images_per_media": 1,
              "ijb_impostor_ratio": 100},
     # keys of every run (teacher and students); rec/num_classes/output/seed are filled in
-    "shared": {"embedding_size": 128, "teacher_embedding_size": 128, "margin_scale": 32.0,
+    "shared": {"embedding_size": 512, "teacher_embedding_size": 512, "margin_scale": 32.0,
                "batch_size": 64, "lr": 0.1, "lr_schedule": "cosine", "warmup_epoch": 0,
                "momentum": 0.9, "weight_decay": 5e-4, "optimizer": "sgd", "fp16": False,
                "teacher_fp16": False, "num_workers": 0, "val_targets": [],
                "verbose": 10 ** 9, "frequent": 50, "save_every": 10 ** 9,
                "keep_checkpoints": 1, "grad_clip": 5.0},
-    "teacher": {"network": "kdb_teacher", "distill": "none", "margin_list": COS,
-                "num_epoch": 2, "seed": 0},
-    # gkd_warmup_epochs 0: GKD's KD ramp is per (integer) epoch, so in a 1-epoch run any ramp
-    # would switch the KD term off for the whole run
-    "student": {"network": "kdb_student", "teacher_network": "kdb_teacher", "num_epoch": 1,
+    "teacher": {"network": "tiny_t", "distill": "none", "margin_list": COS,
+                "num_epoch": 4, "seed": 0},
+    # gkd_warmup_epochs 0: GKD's KD ramp is per (integer) epoch, so a ramp of one epoch would
+    # switch the KD term off for a third of the run
+    "student": {"network": "kdb_student", "teacher_network": "tiny_t", "num_epoch": 3,
                 "gkd_warmup_epochs": 0},
     "seeds": (0, 1, 2),
 }
 QUICK: Dict[str, Any] = {
-    "data": {"num_ids": 300, "images_per_id": 12, "bin_pairs": 400, "bin_ids": 100,
-             "ijb_ids": 100},
+    "data": {"num_ids": 100, "images_per_id": 16, "bin_pairs": 300, "bin_ids": 50,
+             "ijb_ids": 50},
     "seeds": (0,)}
 
 
@@ -126,6 +126,38 @@ def config_digest(obj: Any) -> str:
     do not change it; any value that does change it makes a new digest."""
     text = json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# The source a run's numbers depend on: the trainer, the plugin, data reading, evaluation, the
+# synthetic data and this harness.  Its digest is part of every teacher / run identity, so a
+# changed line of code retrains instead of reusing a run made by other code.
+CODE_PATHS = ("plugins", "engine", "data", "eval", "configs/base.py", "tools/synthetic.py",
+              "tools/kd_bench.py", "tools/kd_bench_jobs.py")
+
+
+def code_digest(repo: str, paths: Sequence[str] = CODE_PATHS) -> str:
+    """sha256 (hex) over the ``*.py`` files under ``paths`` of ``repo`` (relative path + bytes of
+    each, in sorted order).  Raises FileNotFoundError naming a path that does not exist."""
+    files = []
+    for rel in paths:
+        full = os.path.join(repo, rel)
+        if os.path.isfile(full):
+            files.append(rel)
+        elif os.path.isdir(full):
+            for folder, dirs, names in os.walk(full):
+                dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+                files += [os.path.relpath(os.path.join(folder, n), repo) for n in names
+                          if n.endswith(".py")]
+        else:
+            raise FileNotFoundError(f"code_digest: {full} does not exist (CODE_PATHS names the "
+                                    f"sources a benchmark run depends on)")
+    digest = hashlib.sha256()
+    for rel in sorted(set(files)):
+        digest.update(rel.replace(os.sep, "/").encode() + b"\0")
+        with open(os.path.join(repo, rel), "rb") as handle:
+            digest.update(handle.read())
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def cached_result(folder: str, marker: str, digest: str) -> Optional[Dict[str, Any]]:

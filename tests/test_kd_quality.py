@@ -328,6 +328,19 @@ def test_markdown_and_plot(tmp_path):
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_per_seed_table_says_whether_every_seed_beats_every_baseline_seed():
+    runs, _ = _runs()
+    summary = aggregate(runs, {"a": 61.0, "b": 95.0}, ["student alone", "M1", "M2"],
+                        metrics=("a", "b"))
+    lines = kd_bench.per_seed_table(summary, "a", titles={"a": "A", "b": "B"})
+    assert lines[2] == "| method | seed 0 | seed 1 | seed 2 | all above |"
+    assert "| student alone | 50.00 | 52.00 | 51.00 | -- |" in lines
+    assert "| M1 | 55.00 | 53.00 | 57.00 | yes |" in lines    # worst 53 > best baseline 52
+    assert "| M2 | 50.00 | -- | 49.00 | no |" in lines       # seed 1 missing -> "--"
+    assert kd_bench.markdown_tables(summary, titles={"a": "A", "b": "B"}).splitlines()[
+        -len(lines):] == lines                                   # the report ends with it
+
+
 # --------------------------------------------------------------------------- evaluation
 
 def test_ijb_eval_from_cached_aligned_images_equals_the_ijb_pipeline(tmp_path):

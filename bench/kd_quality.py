@@ -1,17 +1,18 @@
-"""What each distillation method buys: a CPU-scale synthetic face task with a real capacity gap,
-every method trained with several seeds, evaluated on identities unseen in training.
+"""What each distillation method buys: a CPU-scale synthetic face task with a teacher - student
+gap, every method trained with several seeds, evaluated on identities unseen in training.
 
     python bench/kd_quality.py            # the full benchmark (make kd-bench)
-    python bench/kd_quality.py --quick    # 1 seed, fewer steps (make kd-bench-quick)
+    python bench/kd_quality.py --quick    # 1 seed, smaller data (make kd-bench-quick)
 
-The task (tools/kd_bench.py ``TASK``): a synthetic training set (tools/synthetic.py), a teacher
-(``kdb_teacher``) and a much smaller student (``kdb_student``), both TinyFaceNet widths
-(tools/kd_bench_jobs.py).  The teacher is trained once and cached by the digest of its config and
-data (``work_dirs/kd_bench/teacher_<digest>/``), with its teacher-embedding cache; every method of
-``tools.kd_bench.method_table`` is then trained for every seed with the same data, schedule and
-steps through engine.trainer.train, and evaluated with the IJB-C pipeline (TAR@FAR 1e-4 / 1e-3 /
-1e-2 on a synthetic IJB-C folder) and the 10-fold accuracy on a synthetic lfw.bin.  Runs are also
-cached by digest (``--fresh`` retrains them).
+The task (tools/kd_bench.py ``TASK``, the CPU demo's regime): a synthetic training set
+(tools/synthetic.py), the demo's teacher (``tiny_t``) and a much smaller student
+(``kdb_student``, 34x fewer multiply-adds, tools/kd_bench_jobs.py).  The teacher is trained
+once, with its teacher-embedding cache, and cached by the digest of its config, data and code
+(``work_dirs/kd_bench/teacher_<digest>/``); every method of ``tools.kd_bench.method_table`` is
+then trained for every seed with the same data, schedule and steps through
+engine.trainer.train, and evaluated with the IJB-C pipeline (TAR@FAR 1e-4 / 1e-3 / 1e-2 on a
+synthetic IJB-C folder) and the 10-fold accuracy on a synthetic lfw.bin.  Runs are also cached
+by digest (config, data, code: ``kd_bench.CODE_PATHS``; ``--fresh`` retrains them).
 
 Determinism: every job is a process with one intra-op thread and no DataLoader workers, seeded
 from its config, so the same command on the same machine prints the same numbers, whatever
@@ -43,7 +44,7 @@ from tools.kd_bench import (BASELINE, aggregate, cached_result, config_digest,  
                            job_folder, markdown_tables, merged_task, method_table, plot_summary)
 from tools.kd_bench_jobs import make_data, train_and_eval, train_teacher  # noqa: E402
 
-CODE_VERSION = 1    # bump when a change of the harness should invalidate cached runs
+CODE = kd_bench.code_digest(REPO)     # runs made by other code are not reused
 
 
 def slug(name: str) -> str:
@@ -55,7 +56,7 @@ def teacher_job(task: Dict[str, Any], data_root: str, data_digest: str, root: st
                 ) -> Dict[str, Any]:
     """The teacher's job: its config, digest and folder."""
     config = dict(task["shared"], **task["teacher"])
-    digest = config_digest({"data": data_digest, "config": config, "code": CODE_VERSION})
+    digest = config_digest({"data": data_digest, "config": config, "code": CODE})
     output = job_folder(root, "teacher", digest)
     config.update(rec=data_root, num_classes=task["data"]["num_ids"],
                   num_image=task["data"]["num_ids"] * task["data"]["images_per_id"],
@@ -74,7 +75,7 @@ def student_jobs(task: Dict[str, Any], methods: Sequence[kd_bench.Method], data_
             config.update(method.config)
             config["seed"] = int(seed)
             distill = config["distill"]
-            identity = {"data": data_digest, "config": config, "code": CODE_VERSION,
+            identity = {"data": data_digest, "config": config, "code": CODE,
                         "teacher": teacher["digest"] if distill != "none" else None}
             digest = config_digest(identity)
             output = os.path.join(root, "runs", f"{slug(method.name)}_s{seed}_{digest[:12]}")
@@ -212,7 +213,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps (~5 min)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, smaller data (~3 min)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="runs side by side, one thread each (results do not depend on it)")
     parser.add_argument("--seeds", default="", help="comma-separated seeds (default: the task's)")

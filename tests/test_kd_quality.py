@@ -32,6 +32,31 @@ def test_config_digest_changes_with_any_value(change):
     assert config_digest(dict(base, **change)) != config_digest(base)
 
 
+def test_code_digest_follows_every_source_file_and_nothing_else(tmp_path):
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "one.py").write_text("z = 3\n")
+    paths = ("pkg", "one.py")
+    first = kd_bench.code_digest(str(tmp_path), paths)
+    (tmp_path / "pkg" / "notes.txt").write_text("not code")            # not a .py file
+    (tmp_path / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "pkg" / "__pycache__" / "a.py").write_text("cache")     # never hashed
+    assert kd_bench.code_digest(str(tmp_path), paths) == first
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")           # an edit
+    edited = kd_bench.code_digest(str(tmp_path), paths)
+    assert edited != first
+    (tmp_path / "pkg" / "sub" / "b.py").rename(tmp_path / "pkg" / "c.py")  # a move, same bytes
+    assert kd_bench.code_digest(str(tmp_path), paths) not in (first, edited)
+    with pytest.raises(FileNotFoundError, match="missing.py"):
+        kd_bench.code_digest(str(tmp_path), ("pkg", "missing.py"))
+
+
+def test_the_benchmark_digests_the_repository_code():
+    assert kd_quality.CODE == kd_bench.code_digest(kd_quality.REPO)
+    assert len(kd_quality.CODE) == 64
+
+
 def test_cached_result_needs_matching_digest(tmp_path):
     folder = str(tmp_path)
     assert cached_result(folder, "result.json", "abc") is None               # no file
@@ -301,6 +326,19 @@ def test_markdown_and_plot(tmp_path):
     path = kd_bench.plot_summary(summary, str(tmp_path / "p.png"), titles=titles)
     with open(path, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_seed_table_says_whether_every_seed_beats_every_baseline_seed():
+    runs, _ = _runs()
+    summary = aggregate(runs, {"a": 61.0, "b": 95.0}, ["student alone", "M1", "M2"],
+                        metrics=("a", "b"))
+    lines = kd_bench.per_seed_table(summary, "a", titles={"a": "A", "b": "B"})
+    assert lines[2] == "| method | seed 0 | seed 1 | seed 2 | all above |"
+    assert "| student alone | 50.00 | 52.00 | 51.00 | -- |" in lines
+    assert "| M1 | 55.00 | 53.00 | 57.00 | yes |" in lines    # worst 53 > best baseline 52
+    assert "| M2 | 50.00 | -- | 49.00 | no |" in lines       # seed 1 missing -> "--"
+    assert kd_bench.markdown_tables(summary, titles={"a": "A", "b": "B"}).splitlines()[
+        -len(lines):] == lines                                   # the report ends with it
 
 
 # --------------------------------------------------------------------------- evaluation

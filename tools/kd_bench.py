@@ -24,31 +24,32 @@ METRICS = {"tar@0.0001": "TAR@FAR=1e-4", "tar@0.001": "TAR@FAR=1e-3",
            "tar@0.01": "TAR@FAR=1e-2", "bin_acc": ".bin acc"}
 HEADLINE = "tar@0.001"
 BASELINE = "student alone"
+LONG_BASELINE = "student alone, 2x epochs"
 
 # The synthetic task: data sizes, networks, the shared schedule.  ``quick`` overrides a few keys.
 TASK: Dict[str, Any] = {
-    "data": {"num_ids": 1000, "images_per_id": 16, "data_seed": 0, "bin_pairs": 1000,
-             "bin_ids": 200, "ijb_ids": 200, "ijb_templates_per_id": 4,
+    "data": {"num_ids": 200, "images_per_id": 24, "data_seed": 0, "bin_pairs": 600,
+             "bin_ids": 100, "ijb_ids": 100, "ijb_templates_per_id": 4,
              "ijb_medias_per_template": 2, "ijb_images_per_media": 1,
              "ijb_impostor_ratio": 100},
     # keys of every run (teacher and students); rec/num_classes/output/seed are filled in
-    "shared": {"embedding_size": 128, "teacher_embedding_size": 128, "margin_scale": 32.0,
+    "shared": {"embedding_size": 512, "teacher_embedding_size": 512, "margin_scale": 32.0,
                "batch_size": 64, "lr": 0.1, "lr_schedule": "cosine", "warmup_epoch": 0,
                "momentum": 0.9, "weight_decay": 5e-4, "optimizer": "sgd", "fp16": False,
                "teacher_fp16": False, "num_workers": 0, "val_targets": [],
                "verbose": 10 ** 9, "frequent": 50, "save_every": 10 ** 9,
                "keep_checkpoints": 1, "grad_clip": 5.0},
-    "teacher": {"network": "kdb_teacher", "distill": "none", "margin_list": COS,
-                "num_epoch": 2, "seed": 0},
-    # gkd_warmup_epochs 0: GKD's KD ramp is per (integer) epoch, so in a 1-epoch run any ramp
-    # would switch the KD term off for the whole run
-    "student": {"network": "kdb_student", "teacher_network": "kdb_teacher", "num_epoch": 1,
+    "teacher": {"network": "tiny_t", "distill": "none", "margin_list": COS,
+                "num_epoch": 4, "seed": 0},
+    # gkd_warmup_epochs 0: GKD's KD ramp is per (integer) epoch, so a ramp of one epoch would
+    # switch the KD term off for a third of the run
+    "student": {"network": "kdb_student", "teacher_network": "tiny_t", "num_epoch": 3,
                 "gkd_warmup_epochs": 0},
     "seeds": (0, 1, 2),
 }
 QUICK: Dict[str, Any] = {
-    "data": {"num_ids": 300, "images_per_id": 12, "bin_pairs": 400, "bin_ids": 100,
-             "ijb_ids": 100},
+    "data": {"num_ids": 100, "images_per_id": 16, "bin_pairs": 300, "bin_ids": 50,
+             "ijb_ids": 50},
     "seeds": (0,)}
 
 
@@ -94,6 +95,9 @@ def method_table(num_classes: int) -> List[Method]:
         Method("EKD", {"distill": "ekd", "margin_list": (1.0, 0.4, 0.0)}),
         Method("MarginDistillation", {"distill": "margin_distillation",
                                       "margin_list": (1.0, 0.5, 0.0), "margin_grad": "exact"}),
+        # a reference row, not a method: the student alone trained twice as long, to tell how
+        # much of the teacher - student gap is the short schedule rather than capacity
+        Method(LONG_BASELINE, {"distill": "none", "margin_list": COS, "num_epoch": 6}),
     ]
 
 
@@ -126,6 +130,40 @@ def config_digest(obj: Any) -> str:
     do not change it; any value that does change it makes a new digest."""
     text = json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# The source a run's numbers depend on: the trainer, the plugin, data reading, evaluation, the
+# synthetic data and this harness.  Its digest is part of every teacher / run identity, so a
+# changed line of code retrains instead of reusing a run made by other code.
+# (This file is not hashed: what in it changes a run -- TASK, a method's keys -- reaches the run's
+# digest through its config; the rest only formats reports.)
+CODE_PATHS = ("plugins", "engine", "data", "eval", "configs/base.py", "tools/synthetic.py",
+              "tools/kd_bench_jobs.py")
+
+
+def code_digest(repo: str, paths: Sequence[str] = CODE_PATHS) -> str:
+    """sha256 (hex) over the ``*.py`` files under ``paths`` of ``repo`` (relative path + bytes of
+    each, in sorted order).  Raises FileNotFoundError naming a path that does not exist."""
+    files = []
+    for rel in paths:
+        full = os.path.join(repo, rel)
+        if os.path.isfile(full):
+            files.append(rel)
+        elif os.path.isdir(full):
+            for folder, dirs, names in os.walk(full):
+                dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+                files += [os.path.relpath(os.path.join(folder, n), repo) for n in names
+                          if n.endswith(".py")]
+        else:
+            raise FileNotFoundError(f"code_digest: {full} does not exist (CODE_PATHS names the "
+                                    f"sources a benchmark run depends on)")
+    digest = hashlib.sha256()
+    for rel in sorted(set(files)):
+        digest.update(rel.replace(os.sep, "/").encode() + b"\0")
+        with open(os.path.join(repo, rel), "rb") as handle:
+            digest.update(handle.read())
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def cached_result(folder: str, marker: str, digest: str) -> Optional[Dict[str, Any]]:
@@ -254,7 +292,8 @@ def _fmt(value: Optional[float], digits: int = 2, signed: bool = False) -> str:
 def markdown_tables(summary: Mapping[str, Any], titles: Mapping[str, str] = METRICS) -> str:
     """Three markdown tables over every metric: mean +- std (teacher first); the fraction of the
     teacher - student-alone gap closed; the paired difference with the baseline on the same
-    seeds (mean +- std, t, two-sided p, wins/losses/ties)."""
+    seeds (mean +- std, t, two-sided p, wins/losses/ties); then ``per_seed_table`` of the
+    headline metric (the first metric when the headline is not among them)."""
     metrics = summary["metrics"]
     head = " | ".join(titles[k] for k in metrics)
     rule = "|---|" + "---|" * len(metrics)
@@ -289,7 +328,29 @@ def markdown_tables(summary: Mapping[str, Any], titles: Mapping[str, str] = METR
                          f"{_fmt(paired['p'], 3)}, {paired['wins']}/{paired['losses']}/"
                          f"{paired['ties']})")
         lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    headline = HEADLINE if HEADLINE in metrics else metrics[0]
+    return "\n".join(lines + [""] + per_seed_table(summary, headline, titles)) + "\n"
+
+
+def per_seed_table(summary: Mapping[str, Any], key: str = HEADLINE,
+                   titles: Mapping[str, str] = METRICS) -> List[str]:
+    """Markdown lines: every seed's ``key`` per row, and whether the row's WORST seed is above
+    the baseline's BEST seed (a statement that needs no distributional assumption)."""
+    rows = summary["rows"]
+    base = next((r for r in rows if r["method"] == summary["baseline"]), None)
+    seeds = sorted({s for r in rows for s in r["metrics"][key]["values"]})
+    lines = [f"{titles[key]} per seed, and whether every seed of the row is above every seed "
+             f"of {summary['baseline']}:", "",
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | all above |",
+             "|---|" + "---|" * (len(seeds) + 1)]
+    best_base = max(base["metrics"][key]["values"].values()) if base else None
+    for row in rows:
+        values = row["metrics"][key]["values"]
+        above = "--" if row is base or best_base is None else \
+            ("yes" if min(values.values()) > best_base else "no")
+        lines.append(f"| {row['method']} | " + " | ".join(
+            _fmt(values.get(s)) for s in seeds) + f" | {above} |")
+    return lines
 
 
 def plot_summary(summary: Mapping[str, Any], path: str,

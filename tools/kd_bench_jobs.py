@@ -11,8 +11,8 @@ Each job runs in its own process with ONE intra-op thread and no DataLoader work
   evaluated by ``evaluate_model``: TAR@FAR on the synthetic IJB-C folder (eval/ijb.py, the
   published pipeline) and the 10-fold ``lfw.bin`` accuracy (eval/bin_verification.py).
 
-Backbones of the benchmark are TinyFaceNet widths registered here under ``kdb_*`` names (the
-demo's tiny_s / tiny_t have fixed widths).
+The benchmark's teacher is the demo's ``tiny_t``; its student ``kdb_student`` (a TinyFaceNet far
+narrower than the demo's tiny_s) is registered here.
 """
 from __future__ import annotations
 
@@ -42,23 +42,16 @@ _REGISTERED = False
 
 
 def register_backbones() -> None:
-    """``kdb_teacher`` and ``kdb_student``: TinyFaceNet configured for the benchmark's gap.
-
-    kdb_teacher = tiny_s's trunk (stem 16, stages 24/48/96, depths 1/2/1);
-    kdb_student = a quarter of its widths (stem 4, stages 6/12/24, depths 1/1/1)."""
+    """``kdb_student``: the benchmark's student, TinyFaceNet at a quarter of tiny_s's widths
+    (stem 4, stages 6/12/24, depths 1/1/1); the teacher is the registered ``tiny_t``."""
     global _REGISTERED
     if _REGISTERED:
         return
     from plugins.backbones import register_model
     from plugins.backbones.tiny import TinyFaceNet
 
-    @register_model("kdb_teacher")
-    def kdb_teacher(num_features: int = 128, fp16: bool = False, dropout: float = 0.0):
-        """Benchmark teacher: stem 16, stages 24/48/96, depths (1, 2, 1)."""
-        return TinyFaceNet(16, (24, 48, 96), (1, 2, 1), num_features, dropout, fp16)
-
     @register_model("kdb_student")
-    def kdb_student(num_features: int = 128, fp16: bool = False, dropout: float = 0.0):
+    def kdb_student(num_features: int = 512, fp16: bool = False, dropout: float = 0.0):
         """Benchmark student: stem 4, stages 6/12/24, depths (1, 1, 1)."""
         return TinyFaceNet(4, (6, 12, 24), (1, 1, 1), num_features, dropout, fp16)
 

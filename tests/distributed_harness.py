@@ -45,13 +45,21 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: Sequence, out_d
 _CONTEXT = None
 
 
+# What the forkserver imports once, so that no child pays for it: torch, and torch._dynamo, which
+# the first torch.optim optimizer of a process imports (about 2 s per process on this CPU); our
+# own modules are cheap but shared by every worker.  A module missing here is still imported by
+# the child that needs it (the forkserver skips preloads that fail).
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "numpy", "tests.distributed_harness",
+           "engine.trainer", "plugins.builders", "plugins.heads", "data.dataset"]
+
+
 def _context():
     """A forkserver that has imported torch once: children start in a fraction of a second
     (spawn re-imports torch in every child; plain fork is unsafe after OpenMP has run)."""
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = mp.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "numpy", "tests.distributed_harness"])
+        _CONTEXT.set_forkserver_preload(PRELOAD)
     return _CONTEXT
 
 

@@ -1,6 +1,7 @@
 """Run integrity: a skipped step changes nothing, checkpoints hold only finite tensors, belong to
 this run (identity, lock, fresh-run refusal) and survive SIGTERM; bad counts fail at load time."""
 import glob
+import json
 import os
 import re
 import signal
@@ -191,36 +192,36 @@ def test_second_run_on_a_locked_folder_refuses_and_a_dead_holder_does_not_block(
     assert trainer.train(cfg)["steps"] == 1          # the kernel released the dead holder's lock
 
 
-SIGTERMED = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {repo!r})
-    os.chdir(sys.argv[1])
-    import engine.trainer as trainer
+def _signalled_run(workdir, job, name, result):
+    """In a process of its own: train configs/<job> and send this process SIG<name> during the
+    third step; write the summary's ``[steps, stopped_by]`` to ``result``."""
+    os.chdir(workdir)
     from engine.config import get_config
-    real, calls = trainer.head_loss, {{"n": 0}}
+    real, calls = trainer.head_loss, {"n": 0}
+
     def head_loss(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIG{name})
+            os.kill(os.getpid(), getattr(signal, "SIG" + name))
         return real(*args, **kwargs)
     trainer.head_loss = head_loss
-    summary = trainer.train(get_config("configs/" + sys.argv[2]))
-    print("STOPPED", summary["steps"], summary.get("stopped_by"), flush=True)
-""")
+    summary = trainer.train(get_config("configs/" + job))
+    with open(result, "w") as handle:
+        json.dump([summary["steps"], summary.get("stopped_by")], handle)
 
 
 @pytest.mark.parametrize("name", ["TERM", "INT"])
 def test_signal_saves_at_a_step_boundary_and_resumes_bitwise(workdir, tmp_path, name):
+    from tests.distributed_harness import start_process
     job = f"sig{name.lower()}"
     ref = job_config(workdir, job + "_ref", distill="adadistill", max_steps=5, num_epoch=10)
     trainer.train(ref)
     cfg = job_config(workdir, job, distill="adadistill", max_steps=5, num_epoch=10)
-    script = tmp_path / "sig.py"
-    script.write_text(SIGTERMED.format(repo=REPO, name=name))
-    proc = subprocess.run([sys.executable, str(script), str(workdir), job],
-                          capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    assert f"STOPPED 3 SIG{name}".encode() in proc.stdout
+    result = tmp_path / "stopped.json"
+    proc = start_process(_signalled_run, (str(workdir), job, name, str(result)))
+    proc.join(timeout=300)
+    assert proc.exitcode == 0
+    assert json.loads(result.read_text()) == [3, f"SIG{name}"]
     assert os.listdir(os.path.join(cfg.output, "checkpoints")) == ["step_000000003"]
     resumed = job_config(workdir, job, distill="adadistill", max_steps=5, num_epoch=10,
                          resume=True)

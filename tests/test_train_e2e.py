@@ -40,37 +40,34 @@ def test_every_method_trains_on_two_processes(workdir):
     assert os.path.isfile(os.path.join(configs[0].output, "classifier.pt"))
 
 
-def _run(root, name, *extra, wait_for=None):
-    """Run train_distill.py in root (a fork-like cwd); optionally SIGKILL it as soon as the
-    checkpoint ``wait_for`` exists.  Returns the process return code."""
-    cmd = [sys.executable, os.path.join(REPO, "train_distill.py"), f"configs/{name}", *extra]
-    proc = subprocess.Popen(cmd, cwd=str(root), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    if wait_for is not None:
-        deadline = time.time() + 240
-        while not os.path.isdir(wait_for) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=300)
-    if wait_for is None:
-        assert proc.returncode == 0, err.decode()[-3000:]
-    return proc.returncode
+def _train_distill_main(root, argv):
+    """``python train_distill.py <argv>`` in ``root`` (a fork-like cwd), in a started process."""
+    import train_distill
+    os.chdir(root)
+    train_distill.main(argv)
 
 
 @pytest.mark.parametrize("method", ["adadistill", "gkd"])
 def test_sigkilled_run_resumes_to_the_same_weights(workdir, monkeypatch, method):
-    """Only the killed run is a process of its own (SIGKILL needs one); the uninterrupted reference
-    and the resume (through train_distill.py's own main with --resume) run in this process."""
+    """Only the killed run is a process of its own (SIGKILL needs one: forked from the harness's
+    preloaded forkserver); the uninterrupted reference and the resume (train_distill.py's own
+    main with --resume) run in this process."""
     import train_distill
     from engine.trainer import train
+    from tests.distributed_harness import start_process
     # 16 steps per epoch (128 images, batch 8): killed in epoch 0, resumed across the epoch end
     common = dict(distill=method, max_steps=20, save_every=4, batch_size=8, num_epoch=10)
     straight = job_config(workdir, f"straight_{method}", **common)
     killed = job_config(workdir, f"killed_{method}", **common)
     assert train(straight)["steps"] == 20
     first_ckpt = os.path.join(killed.output, "checkpoints", "step_000000004")
-    code = _run(workdir, f"killed_{method}", wait_for=first_ckpt)
-    assert code == -signal.SIGKILL, "the run finished before it could be killed"
+    proc = start_process(_train_distill_main, (str(workdir), [f"configs/killed_{method}"]))
+    deadline = time.time() + 240
+    while not os.path.isdir(first_ckpt) and proc.is_alive() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.join(timeout=60)
+    assert proc.exitcode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not os.path.exists(os.path.join(killed.output, "checkpoints", "step_000000020"))
     monkeypatch.chdir(workdir)
     train_distill.main([f"configs/killed_{method}", "--resume"])

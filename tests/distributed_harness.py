@@ -47,10 +47,12 @@ _CONTEXT = None
 
 # What the forkserver imports once, so that no child pays for it: torch, and torch._dynamo, which
 # the first torch.optim optimizer of a process imports (about 2 s per process on this CPU); our
-# own modules are cheap but shared by every worker.  A module missing here is still imported by
+# own modules and pytest (which each test module imports: the worker functions live there) are
+# cheap but shared by every worker.  A module missing here is still imported by
 # the child that needs it (the forkserver skips preloads that fail).
-PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "numpy", "tests.distributed_harness",
-           "engine.trainer", "plugins.builders", "plugins.heads", "data.dataset"]
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "numpy", "pytest",
+           "tests.distributed_harness", "tests.training_helpers", "engine.trainer",
+           "plugins.builders", "plugins.heads", "plugins.teacher", "data.dataset"]
 
 
 def _context():

@@ -314,20 +314,32 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resumes_bitwi
         assert torch.equal(ha["centers"], hb["centers"])
 
 
-def test_train_distill_exits_128_plus_signal_after_saving(workdir):
+def _train_distill_cli(root, argv, stderr):
+    """``python train_distill.py <argv>`` in ``root``, in a started process: file descriptor 2 to
+    the file ``stderr``; the process exits with main's SystemExit code, as the script does."""
+    import train_distill
+    handle = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(handle, 2)
+    os.close(handle)
+    os.chdir(root)
+    train_distill.main(argv)
+
+
+def test_train_distill_exits_128_plus_signal_after_saving(workdir, tmp_path):
+    from tests.distributed_harness import start_process
     cfg = job_config(workdir, "cli_term", distill="none", max_steps=10 ** 6, num_epoch=1000,
                      save_every=1)
     first = os.path.join(cfg.output, "checkpoints", "step_000000001")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train_distill.py"),
-                             "configs/cli_term"], cwd=str(workdir), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    stderr = tmp_path / "stderr.txt"
+    proc = start_process(_train_distill_cli, (str(workdir), ["configs/cli_term"], str(stderr)))
     deadline = time.time() + 240
-    while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+    while not os.path.isdir(first) and proc.is_alive() and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
-    assert b"Traceback" not in err
+    proc.terminate()                                  # SIGTERM
+    proc.join(timeout=240)
+    err = stderr.read_text()
+    assert proc.exitcode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
     log = open(os.path.join(cfg.output, "training.log")).read()
     assert re.search(r"SIGTERM: saving step (\d+) and stopping", log)
     step = int(re.search(r"SIGTERM: saving step (\d+)", log).group(1))

@@ -3,9 +3,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -13,7 +10,7 @@ from torch import nn
 
 from engine.checkpoint import CheckpointManager
 from plugins.distributed import rank_and_world, shard_range
-from tests.distributed_harness import run_distributed
+from tests.distributed_harness import run_distributed, start_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,39 +108,35 @@ def test_truncated_file_is_detected_from_meta(tmp_path):
     assert path.endswith("step_000000001")
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {repo!r})
+def _killer(kill_at, out):
+    """In a process of its own: save step 2 and SIGKILL this process at the ``kill_at``-th file
+    written (99: just before the step folder's final rename)."""
     import engine.checkpoint as ck
-    from tests.test_checkpoint import _save
-    kill_at, out = int(sys.argv[1]), sys.argv[2]
-    calls = {{"n": 0}}
+    calls = {"n": 0}
     real_save, real_replace = ck.atomic_torch_save, ck.os.replace
+
     def counting_save(obj, path):
         calls["n"] += 1
         if calls["n"] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         real_save(obj, path)
+
     def dying_replace(src, dst):
         if kill_at == 99 and dst.endswith("step_000000002"):
             os.kill(os.getpid(), signal.SIGKILL)
         real_replace(src, dst)
     ck.atomic_torch_save = counting_save
     ck.os.replace = dying_replace
-    _save(out, 1) if kill_at == 0 else None
-    calls["n"] = 0
     _save(out, 2)
-""")
 
 
 @pytest.mark.parametrize("kill_at", [1, 2, 99])
 def test_sigkill_during_save_never_leaves_a_loadable_incomplete_checkpoint(tmp_path, kill_at):
     out = str(tmp_path)
     _save(out, 1)
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER.format(repo=REPO))
-    proc = subprocess.run([sys.executable, str(script), str(kill_at), out], cwd=REPO)
-    assert proc.returncode == -signal.SIGKILL
+    proc = start_process(_killer, (kill_at, out))
+    proc.join(timeout=300)
+    assert proc.exitcode == -signal.SIGKILL
     manager = CheckpointManager(out)
     assert [os.path.basename(p) for p in manager.list()] == ["step_000000001"]
     path, common, _ = manager.load_latest()

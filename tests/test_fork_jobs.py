@@ -4,8 +4,10 @@ is said by name at start-up; a fork's own job is left exactly as the fork runs i
 The fork is the stand-in of upstream arcface_torch (tests/upstream_standin.py), patched by
 patches/patch_train_v2.py.  Each shipped ``configs/<job>.py`` (found by glob, so configs added
 later are covered) runs through a wrapper that keeps every key of the job and shrinks only the
-data (16 images of 16 classes, batch 8, one epoch) and the teacher (``tiny_t`` with the job's
-teacher embedding size, random weights; a random [C, D_t] teacher classifier).
+data (8 images of 8 of the 16 classes, batch 4, one epoch: two steps) and the teacher (``tiny_t``
+with the job's teacher embedding size, random weights; a random [C, D_t] teacher classifier).
+They run one after the other in two processes side by side (one torch import each), the first of
+them starting with a fork's own job under the original and then the patched script.
 """
 from __future__ import annotations
 
@@ -27,19 +29,21 @@ from tests.test_install_into_fork import PYTHON, REPO, fork_env
 from tests.upstream_standin import write_upstream_standin
 
 NUM_CLASSES = 16
+NUM_IMAGES, BATCH = 8, 4      # two steps of one epoch (BatchNorm and the batch terms need >= 2)
 JOBS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
               if os.path.basename(p) not in ("base.py", "__init__.py"))
 NEEDS_TEACHER = tuple(name for name in head_names() if head_spec(name).needs_teacher)
 
 RUN_JOBS = '''\
-"""python run_jobs.py <script> <job>...: run each job in this one process (one torch import)."""
+"""python run_jobs.py <script>:<job>...: run each job with its script in this one process
+(one torch import)."""
 import runpy
 import sys
 import traceback
 
-script = sys.argv[1]
-for job in sys.argv[2:]:
-    print("=== run " + job, file=sys.stderr, flush=True)
+for run in sys.argv[1:]:
+    script, job = run.split(":")
+    print("=== run " + run, file=sys.stderr, flush=True)
     for name in [m for m in sys.modules if m == "configs" or m.startswith("configs.")]:
         del sys.modules[name]   # the fork's get_config updates configs.base in place
     sys.argv = [script, "configs/" + job]
@@ -47,7 +51,7 @@ for job in sys.argv[2:]:
         runpy.run_path(script, run_name="__main__")
     except BaseException:
         traceback.print_exc()
-    print("=== end " + job, file=sys.stderr, flush=True)
+    print("=== end " + run, file=sys.stderr, flush=True)
 '''
 
 WRAPPER = '''\
@@ -74,19 +78,46 @@ def fork_dump(stderr: str) -> dict:
     return {m.group(1): m.group(2) for m in re.finditer(r"-: (\S+) +(.*)$", stderr, re.M)}
 
 
+FORK_OWN_JOB = '''\
+from easydict import EasyDict as edict
+
+config = edict()
+config.network = "fork_plain"
+config.embedding_size = 64
+config.margin_list = (1.0, 0.3, 0.2)   # a combined margin: fine for PartialFC_V2, not for our heads
+config.rec = {rec!r}
+config.num_classes = 16
+config.num_image = {num_image}
+config.num_epoch = 1
+config.warmup_epoch = 0
+config.batch_size = {batch}
+config.output = {output!r}
+'''
+# a fork's own job, under the fork's original script and then the patched one (before any of
+# our jobs ran in the process, so that nothing of theirs is left over for it)
+FORK_OWN_RUNS = ("train_v2_original.py:fork_job", "train_v2.py:fork_job")
+
+
 @pytest.fixture(scope="module")
 def shipped_runs(tmp_path_factory):
+    """{"<script>:<job>": the stderr of that run} for the fork's own job (original and patched
+    script) and for every shipped job (key ``train_v2.py:shrunk_<job>``)."""
     from tools.synthetic import write_train_set
     from plugins.backbones import get_model
     root = str(tmp_path_factory.mktemp("shipped_jobs"))
     fork = write_upstream_standin(root)
-    assert patcher.main([os.path.join(fork, "train_v2.py")]) == 0
-    write_train_set(os.path.join(root, "data"), num_ids=NUM_CLASSES, images_per_id=1, seed=5)
+    path = os.path.join(fork, "train_v2.py")
+    assert patcher.main([path]) == 0
+    shutil.copy(path + ".orig", os.path.join(fork, "train_v2_original.py"))
+    write_train_set(os.path.join(root, "data"), num_ids=NUM_IMAGES, images_per_id=1, seed=5)
+    with open(os.path.join(fork, "configs", "fork_job.py"), "w") as handle:
+        handle.write(FORK_OWN_JOB.format(rec=os.path.join(root, "data"), num_image=NUM_IMAGES,
+                                         batch=BATCH, output=os.path.join(root, "fork_own")))
     for job in JOBS:
         shutil.copy(os.path.join(REPO, "configs", job + ".py"), os.path.join(fork, "configs"))
         values = job_values(job)
         overrides = dict(rec=os.path.join(root, "data"), num_classes=NUM_CLASSES,
-                         num_image=NUM_CLASSES, num_epoch=1, warmup_epoch=0, batch_size=8,
+                         num_image=NUM_IMAGES, num_epoch=1, warmup_epoch=0, batch_size=BATCH,
                          num_workers=0, output=os.path.join(root, "out", job))
         if values.get("gkd_tau_batch"):      # the adaptive-k block shrinks with the batch
             overrides["gkd_tau_batch"] = overrides["batch_size"]
@@ -105,11 +136,25 @@ def shipped_runs(tmp_path_factory):
     with open(os.path.join(fork, "run_jobs.py"), "w") as handle:
         handle.write(RUN_JOBS)
     env = dict(fork_env(), PYTHONPATH=REPO)
-    proc = subprocess.run([PYTHON, "run_jobs.py", "train_v2.py", *("shrunk_" + j for j in JOBS)],
-                          cwd=fork, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr
-    runs = dict(re.findall(r"=== run shrunk_(\S+)\n(.*?)=== end ", proc.stderr, re.S))
-    assert sorted(runs) == JOBS, proc.stderr
+    shipped = [f"train_v2.py:shrunk_{j}" for j in JOBS]
+    # two processes side by side (the machine's 2 cores), every other job each: the two r50
+    # teacher jobs, next to each other in sorted order, land in different ones
+    groups = [[*FORK_OWN_RUNS, *shipped[0::2]], shipped[1::2]]
+    logs = [os.path.join(root, f"run_jobs_{i}.log") for i in range(len(groups))]
+    procs = []
+    for group, log in zip(groups, logs):      # to files: a full pipe would stall the other one
+        with open(log, "w") as handle:
+            procs.append(subprocess.Popen([PYTHON, "run_jobs.py", *group], cwd=fork, env=env,
+                                          stdout=subprocess.DEVNULL, stderr=handle))
+    runs = {}
+    for group, proc, log in zip(groups, procs, logs):
+        proc.wait(timeout=1200)
+        with open(log) as handle:
+            stderr = handle.read()
+        assert proc.returncode == 0, stderr
+        found = dict(re.findall(r"=== run (\S+)\n(.*?)=== end ", stderr, re.S))
+        assert sorted(found) == sorted(group), stderr
+        runs.update(found)
     return runs
 
 
@@ -120,11 +165,11 @@ def test_jobs_are_found():
 @pytest.mark.parametrize("job", JOBS)
 def test_shipped_job_starts_in_the_patched_loop(shipped_runs, job):
     from plugins.fork_loop import FORK_MARGIN_SCALE, NOT_HONOURED
-    run = shipped_runs[job]
+    run = shipped_runs["train_v2.py:shrunk_" + job]
     values = job_values(job)
     assert "Traceback" not in run, run
     steps = re.findall(r"step (\d+) epoch 0 loss (\S+) head (\w+)", run)
-    assert [s[0] for s in steps] == ["1", "2"], run   # 16 images, global batch 8
+    assert [s[0] for s in steps] == ["1", "2"], run   # 8 images, global batch 4
     assert all(float(s[1]) == float(s[1]) and float(s[1]) > 0 for s in steps), steps
     method = values.get("distill", "adadistill")
     head = "PartialFC_V2" if method == "none" else head_spec(method).cls.__name__
@@ -145,45 +190,13 @@ def test_shipped_job_starts_in_the_patched_loop(shipped_runs, job):
     assert not set(NOT_HONOURED) & set(dump), sorted(set(NOT_HONOURED) & set(dump))
 
 
-FORK_OWN_JOB = '''\
-from easydict import EasyDict as edict
-
-config = edict()
-config.network = "fork_plain"
-config.embedding_size = 64
-config.margin_list = (1.0, 0.3, 0.2)   # a combined margin: fine for PartialFC_V2, not for our heads
-config.rec = {rec!r}
-config.num_classes = 16
-config.num_image = 16
-config.num_epoch = 1
-config.warmup_epoch = 0
-config.batch_size = 8
-config.output = {output!r}
-'''
-
-
-def test_a_forks_own_job_dumps_and_trains_as_unpatched(tmp_path):
-    from tools.synthetic import write_train_set
-    fork = write_upstream_standin(str(tmp_path))
-    path = os.path.join(fork, "train_v2.py")
-    assert patcher.main([path]) == 0
-    shutil.copy(path + ".orig", os.path.join(fork, "train_v2_original.py"))
-    write_train_set(str(tmp_path / "data"), num_ids=16, images_per_id=1, seed=5)
-    with open(os.path.join(fork, "configs", "fork_job.py"), "w") as handle:
-        handle.write(FORK_OWN_JOB.format(rec=str(tmp_path / "data"), output=str(tmp_path / "o")))
-    with open(os.path.join(fork, "run_jobs.py"), "w") as handle:
-        handle.write(RUN_JOBS)
-    env = dict(fork_env(), PYTHONPATH=REPO)
-    out = {}
-    for script in ("train_v2_original.py", "train_v2.py"):
-        proc = subprocess.run([PYTHON, "run_jobs.py", script, "fork_job"], cwd=fork, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-        out[script] = proc.stderr
-    original, patched = out["train_v2_original.py"], out["train_v2.py"]
+def test_a_forks_own_job_dumps_and_trains_as_unpatched(shipped_runs):
+    original, patched = (shipped_runs[run] for run in FORK_OWN_RUNS)
+    assert "Traceback" not in original + patched, original + patched
     assert fork_dump(patched) == fork_dump(original) and "network" in fork_dump(original)
     assert "distill" not in fork_dump(patched) and "not honoured" not in patched
-    losses = [re.findall(r"step \d+ epoch 0 loss \S+ head \w+", text) for text in out.values()]
+    losses = [re.findall(r"step \d+ epoch 0 loss \S+ head \w+", text)
+              for text in (original, patched)]
     assert losses[0] == losses[1] and len(losses[0]) == 2
 
 

@@ -1,7 +1,6 @@
 """bench/gpu_acceptance.py keeps working: its CPU quick mode end to end, and its failure rules."""
 import importlib.util
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,13 +12,31 @@ STAGES = ("data", "teacher", "adadistill", "adadistill-resume", "gkd", "gkd-resu
           "cache-build", "cached", "ijbc", "onnx")
 
 
+def _run_script(argv, cwd, stdout, stderr):
+    """``python bench/gpu_acceptance.py <argv>`` in ``cwd``, in a started process: its output
+    (file descriptors 1 and 2) to the files ``stdout`` / ``stderr``; exits with main's code."""
+    for fd, path in ((1, stdout), (2, stderr)):
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(handle, fd)
+        os.close(handle)
+    os.chdir(cwd)
+    sys.argv = [SCRIPT, *argv]
+    spec = importlib.util.spec_from_file_location("__main__", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)       # as `python SCRIPT`: its `if __name__` line runs main
+
+
 def test_cpu_quick_mode_passes_every_stage(tmp_path):
+    """The script as run from a shell, in a process forked from the test harness's forkserver
+    (torch already imported there) instead of a new interpreter."""
+    from tests.distributed_harness import start_process
     work = tmp_path / "acceptance"
-    proc = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--quick", "--workdir",
-                           str(work)], cwd=str(tmp_path), capture_output=True, text=True,
-                          timeout=600)
-    out = proc.stdout
-    assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
+    stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    proc = start_process(_run_script, (["--device", "cpu", "--quick", "--workdir", str(work)],
+                                       str(tmp_path), str(stdout), str(stderr)))
+    proc.join(timeout=600)
+    out = stdout.read_text()
+    assert proc.exitcode == 0, out[-4000:] + stderr.read_text()[-4000:]
     lines = [line for line in out.splitlines() if line.startswith("[PASS]")]
     assert [line.split()[1] for line in lines] == list(STAGES)
     assert "10 passed, 0 failed" in out

@@ -98,13 +98,13 @@ def test_cache_of_the_torch_teacher_is_refused_for_its_onnx_export(workdir, onnx
 
 # --- training -------------------------------------------------------------------------------
 
-def test_two_steps_through_train_distill_equal_the_torch_teachers_run(workdir, onnx_teacher):
+def test_two_steps_through_train_distill_equal_the_torch_teachers_run(workdir, onnx_teacher,
+                                                                    monkeypatch):
+    import train_distill
     cfg = job_config(workdir, "onnx_online", distill="adadistill", max_steps=2,
                      teacher_network="onnx", teacher_checkpoint=onnx_teacher)
-    run = subprocess.run([sys.executable, os.path.join(REPO, "train_distill.py"),
-                          "configs/onnx_online"], cwd=str(workdir), capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    monkeypatch.chdir(workdir)        # train_distill.py's main, in this process
+    train_distill.main(["configs/onnx_online"])
     assert "finished: 2 steps" in open(os.path.join(cfg.output, "training.log")).read()
     torch_run = job_config(workdir, "onnx_online_torch_twin", distill="adadistill", max_steps=2)
     train(torch_run)

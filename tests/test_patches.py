@@ -557,22 +557,6 @@ def first_step_loss(fork: str, job: str) -> float:
                           teacher=teacher.teacher_embeddings(img, None, None), epoch=0))
 
 
-def test_patched_train_v2_distills_on_cpu(patched_fork):
-    fork, root = patched_fork
-    proc = subprocess.run([PYTHON, "train_v2.py", "configs/kd_adadistill"], cwd=fork,
-                          env=fork_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    steps = re.findall(r"step (\d+) epoch 0 loss (\S+) head (\w+)", proc.stderr)
-    assert [s[0] for s in steps] == ["1", "2"]  # 16 images / batch 8, one epoch
-    assert {s[2] for s in steps} == {"AdaDistillHead"}
-    losses = [float(s[1]) for s in steps]
-    assert losses[0] == pytest.approx(first_step_loss(fork, "kd_adadistill"), rel=1e-4)
-    assert all(0.0 < value < 2 * 64 + 2 for value in losses), losses  # CE of s = 64 logits
-    import torch
-    state = torch.load(os.path.join(root, "kd_adadistill", "model.pt"), weights_only=True)
-    assert tuple(state["fc.weight"].shape) == (64, 96 * 7 * 7)  # tiny_s, from the fork's get_model
-
-
 RUN_SCRIPTS = '''\
 """Run `python <script> <config>` for each pair, in this one process (one torch import)."""
 import runpy
@@ -591,17 +575,41 @@ for script, config in zip(sys.argv[1::2], sys.argv[2::2]):
 '''
 
 
-def test_patched_train_v2_keeps_the_forks_jobs_and_refuses_a_cache(patched_fork):
+@pytest.fixture(scope="module")
+def fork_runs(patched_fork):
+    """The stderr of each run, all in one process: the fork's own job under the original and
+    the patched script, the cached job (refused), then the distillation job."""
     fork, _ = patched_fork
     with open(os.path.join(fork, "run_scripts.py"), "w") as handle:
         handle.write(RUN_SCRIPTS)
     proc = subprocess.run([PYTHON, "run_scripts.py", "train_v2_original.py",
                            "configs/fork_own_job", "train_v2.py", "configs/fork_own_job",
-                           "train_v2.py", "configs/kd_cached"],
+                           "train_v2.py", "configs/kd_cached", "train_v2.py",
+                           "configs/kd_adadistill"],
                           cwd=fork, env=fork_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     runs = proc.stderr.split("=== run ")[1:]
-    assert len(runs) == 3, proc.stderr
+    assert len(runs) == 4, proc.stderr
+    return runs
+
+
+def test_patched_train_v2_distills_on_cpu(patched_fork, fork_runs):
+    fork, root = patched_fork
+    run = fork_runs[3]                            # train_v2.py configs/kd_adadistill
+    assert "Traceback" not in run, run
+    steps = re.findall(r"step (\d+) epoch 0 loss (\S+) head (\w+)", run)
+    assert [s[0] for s in steps] == ["1", "2"]  # 16 images / batch 8, one epoch
+    assert {s[2] for s in steps} == {"AdaDistillHead"}
+    losses = [float(s[1]) for s in steps]
+    assert losses[0] == pytest.approx(first_step_loss(fork, "kd_adadistill"), rel=1e-4)
+    assert all(0.0 < value < 2 * 64 + 2 for value in losses), losses  # CE of s = 64 logits
+    import torch
+    state = torch.load(os.path.join(root, "kd_adadistill", "model.pt"), weights_only=True)
+    assert tuple(state["fc.weight"].shape) == (64, 96 * 7 * 7)  # tiny_s, from the fork's get_model
+
+
+def test_patched_train_v2_keeps_the_forks_jobs_and_refuses_a_cache(fork_runs):
+    runs = fork_runs
     original, patched = (re.findall(r"step \d+ epoch 0 loss \S+ head \w+", run)
                          for run in runs[:2])
     # the fork's own job (no distill key, a combined margin our heads refuse) trains as before

@@ -19,7 +19,7 @@ from plugins.heads import GKDHead, MarginSoftmaxHead
 from tests.distributed_harness import run_distributed
 from tests.test_lr_schedule import (ADADISTILL_FAMILY, GKD_FAMILY, official_adadistill_lr,
                                     official_gkd_lrs)
-from tests.training_helpers import NUM_IDS, PER_ID
+from tests.training_helpers import NUM_IDS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_JOBS = ADADISTILL_FAMILY + GKD_FAMILY
@@ -108,12 +108,24 @@ def test_a_derived_job_imports_the_paper_config_of_its_own_root(tmp_path):
 
 
 # ------------------------------------------------------------------ a real run's learning rate
+RECIPE_IMAGES = 32     # 2 images of each of the 16 classes: 2 steps per epoch at global batch 16
+
+
+@pytest.fixture(scope="module")
+def recipe_data(workdir):
+    """A small training set for the schedule runs (what they check is the lr of every step of
+    every epoch, not what the images hold), next to the session's teacher."""
+    from tools.synthetic import write_train_set
+    write_train_set(str(workdir / "data_recipes"), NUM_IDS, RECIPE_IMAGES // NUM_IDS, seed=4)
+    return workdir
+
+
 def _paper_job(root, paper, name, **overrides):
     """root/configs/<name>.py: the paper config (copied from the repo) shrunk to the test data."""
     shutil.copy(os.path.join(REPO, "configs", f"{paper}.py"), root / "configs" / f"{paper}.py")
     values = dict(network="tiny_s", teacher_network="tiny_t",
-                  teacher_checkpoint=str(root / "teacher.pt"), rec=str(root / "data"),
-                  num_classes=NUM_IDS, num_image=NUM_IDS * PER_ID, num_workers=0,
+                  teacher_checkpoint=str(root / "teacher.pt"), rec=str(root / "data_recipes"),
+                  num_classes=NUM_IDS, num_image=RECIPE_IMAGES, num_workers=0,
                   val_targets=[], frequent=1000, save_every=10 ** 6,
                   output=str(root / "runs" / name))
     values.update(overrides)
@@ -141,30 +153,32 @@ def _train_recording_lr(rank, world, cfg):
     return {"lrs": used, "steps": summary["steps"]}
 
 
-def test_adadistill_run_trains_with_the_official_lr_on_two_processes(workdir):
-    # global batch 2 ranks x 16 x gradient_acc 2 = 64: 128 images -> 2 steps in each of 26 epochs
-    cfg = _paper_job(workdir, "ms1mv2_mbf_adadistill", "recipe_ada", batch_size=16, gradient_acc=2)
+def test_adadistill_run_trains_with_the_official_lr_on_two_processes(recipe_data):
+    # global batch 2 ranks x 4 x gradient_acc 2 = 16: 32 images -> 2 steps in each of 26 epochs
+    cfg = _paper_job(recipe_data, "ms1mv2_mbf_adadistill", "recipe_ada", batch_size=4,
+                     gradient_acc=2)
     results = run_distributed(_train_recording_lr, 2, args=(cfg,))
     for res in results:
         assert res["steps"] == 52 and len(res["lrs"]) == 52
         for step, lrs in enumerate(res["lrs"]):
-            expected = official_adadistill_lr(step // 2, batch_size=64, world_size=1)
+            expected = official_adadistill_lr(step // 2, batch_size=16, world_size=1)
             assert lrs == pytest.approx([expected] * len(lrs), rel=1e-12), step
-    assert results[0]["lrs"][0][0] == pytest.approx(0.1 * 64 / 512)
+    assert results[0]["lrs"][0][0] == pytest.approx(0.1 * 16 / 512)
     with open(os.path.join(cfg.output, "training.log")) as f:
         log = f.read()
-    assert ("the recipe's lr 0.1 holds at global batch 512; this run's global batch is 64" in log
-            and "uses lr 0.0125" in log)
+    assert ("the recipe's lr 0.1 holds at global batch 512; this run's global batch is 16" in log
+            and "uses lr 0.003125" in log)
 
 
-def test_gkd_run_trains_with_the_official_timm_cosine(workdir):
-    cfg = _paper_job(workdir, "ms1mv2_mbf_gkd", "recipe_gkd", batch_size=32, gradient_acc=2,
-                     teacher_classifier=str(workdir / "classifier.pt"), gkd_k=4)
+def test_gkd_run_trains_with_the_official_timm_cosine(recipe_data):
+    # global batch 8 x gradient_acc 2 = 16: 32 images -> 2 steps in each of 20 epochs
+    cfg = _paper_job(recipe_data, "ms1mv2_mbf_gkd", "recipe_gkd", batch_size=8, gradient_acc=2,
+                     teacher_classifier=str(recipe_data / "classifier.pt"), gkd_k=4)
     res = _train_recording_lr(0, 1, cfg)
     official = official_gkd_lrs(2)                        # 2 iterations per epoch, 20 epochs
     assert res["steps"] == 40 and len(res["lrs"]) == 40
     for step, lrs in enumerate(res["lrs"]):
-        assert lrs == pytest.approx([official[step] * 64 / 1024] * len(lrs), rel=1e-12), step
+        assert lrs == pytest.approx([official[step] * 16 / 1024] * len(lrs), rel=1e-12), step
 
 
 # ------------------------------------------------------------------ GKD margin

@@ -1,6 +1,7 @@
 """Run integrity: a skipped step changes nothing, checkpoints hold only finite tensors, belong to
 this run (identity, lock, fresh-run refusal) and survive SIGTERM; bad counts fail at load time."""
 import glob
+import json
 import os
 import re
 import signal
@@ -191,36 +192,36 @@ def test_second_run_on_a_locked_folder_refuses_and_a_dead_holder_does_not_block(
     assert trainer.train(cfg)["steps"] == 1          # the kernel released the dead holder's lock
 
 
-SIGTERMED = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {repo!r})
-    os.chdir(sys.argv[1])
-    import engine.trainer as trainer
+def _signalled_run(workdir, job, name, result):
+    """In a process of its own: train configs/<job> and send this process SIG<name> during the
+    third step; write the summary's ``[steps, stopped_by]`` to ``result``."""
+    os.chdir(workdir)
     from engine.config import get_config
-    real, calls = trainer.head_loss, {{"n": 0}}
+    real, calls = trainer.head_loss, {"n": 0}
+
     def head_loss(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIG{name})
+            os.kill(os.getpid(), getattr(signal, "SIG" + name))
         return real(*args, **kwargs)
     trainer.head_loss = head_loss
-    summary = trainer.train(get_config("configs/" + sys.argv[2]))
-    print("STOPPED", summary["steps"], summary.get("stopped_by"), flush=True)
-""")
+    summary = trainer.train(get_config("configs/" + job))
+    with open(result, "w") as handle:
+        json.dump([summary["steps"], summary.get("stopped_by")], handle)
 
 
 @pytest.mark.parametrize("name", ["TERM", "INT"])
 def test_signal_saves_at_a_step_boundary_and_resumes_bitwise(workdir, tmp_path, name):
+    from tests.distributed_harness import start_process
     job = f"sig{name.lower()}"
     ref = job_config(workdir, job + "_ref", distill="adadistill", max_steps=5, num_epoch=10)
     trainer.train(ref)
     cfg = job_config(workdir, job, distill="adadistill", max_steps=5, num_epoch=10)
-    script = tmp_path / "sig.py"
-    script.write_text(SIGTERMED.format(repo=REPO, name=name))
-    proc = subprocess.run([sys.executable, str(script), str(workdir), job],
-                          capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    assert f"STOPPED 3 SIG{name}".encode() in proc.stdout
+    result = tmp_path / "stopped.json"
+    proc = start_process(_signalled_run, (str(workdir), job, name, str(result)))
+    proc.join(timeout=300)
+    assert proc.exitcode == 0
+    assert json.loads(result.read_text()) == [3, f"SIG{name}"]
     assert os.listdir(os.path.join(cfg.output, "checkpoints")) == ["step_000000003"]
     resumed = job_config(workdir, job, distill="adadistill", max_steps=5, num_epoch=10,
                          resume=True)
@@ -313,20 +314,32 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resumes_bitwi
         assert torch.equal(ha["centers"], hb["centers"])
 
 
-def test_train_distill_exits_128_plus_signal_after_saving(workdir):
+def _train_distill_cli(root, argv, stderr):
+    """``python train_distill.py <argv>`` in ``root``, in a started process: file descriptor 2 to
+    the file ``stderr``; the process exits with main's SystemExit code, as the script does."""
+    import train_distill
+    handle = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(handle, 2)
+    os.close(handle)
+    os.chdir(root)
+    train_distill.main(argv)
+
+
+def test_train_distill_exits_128_plus_signal_after_saving(workdir, tmp_path):
+    from tests.distributed_harness import start_process
     cfg = job_config(workdir, "cli_term", distill="none", max_steps=10 ** 6, num_epoch=1000,
                      save_every=1)
     first = os.path.join(cfg.output, "checkpoints", "step_000000001")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train_distill.py"),
-                             "configs/cli_term"], cwd=str(workdir), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    stderr = tmp_path / "stderr.txt"
+    proc = start_process(_train_distill_cli, (str(workdir), ["configs/cli_term"], str(stderr)))
     deadline = time.time() + 240
-    while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+    while not os.path.isdir(first) and proc.is_alive() and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
-    assert b"Traceback" not in err
+    proc.terminate()                                  # SIGTERM
+    proc.join(timeout=240)
+    err = stderr.read_text()
+    assert proc.exitcode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
     log = open(os.path.join(cfg.output, "training.log")).read()
     assert re.search(r"SIGTERM: saving step (\d+) and stopping", log)
     step = int(re.search(r"SIGTERM: saving step (\d+)", log).group(1))

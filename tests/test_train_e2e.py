@@ -40,36 +40,39 @@ def test_every_method_trains_on_two_processes(workdir):
     assert os.path.isfile(os.path.join(configs[0].output, "classifier.pt"))
 
 
-def _run(root, name, *extra, wait_for=None):
-    """Run train_distill.py in root (a fork-like cwd); optionally SIGKILL it as soon as the
-    checkpoint ``wait_for`` exists.  Returns the process return code."""
-    cmd = [sys.executable, os.path.join(REPO, "train_distill.py"), f"configs/{name}", *extra]
-    proc = subprocess.Popen(cmd, cwd=str(root), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    if wait_for is not None:
-        deadline = time.time() + 240
-        while not os.path.isdir(wait_for) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=300)
-    if wait_for is None:
-        assert proc.returncode == 0, err.decode()[-3000:]
-    return proc.returncode
+def _train_distill_main(root, argv):
+    """``python train_distill.py <argv>`` in ``root`` (a fork-like cwd), in a started process."""
+    import train_distill
+    os.chdir(root)
+    train_distill.main(argv)
 
 
 @pytest.mark.parametrize("method", ["adadistill", "gkd"])
-def test_sigkilled_run_resumes_to_the_same_weights(workdir, method):
-    common = dict(distill=method, max_steps=30, save_every=4, batch_size=16, num_epoch=10)
+def test_sigkilled_run_resumes_to_the_same_weights(workdir, monkeypatch, method):
+    """Only the killed run is a process of its own (SIGKILL needs one: forked from the harness's
+    preloaded forkserver); the uninterrupted reference and the resume (train_distill.py's own
+    main with --resume) run in this process."""
+    import train_distill
+    from engine.trainer import train
+    from tests.distributed_harness import start_process
+    # 16 steps per epoch (128 images, batch 8): killed in epoch 0, resumed across the epoch end
+    common = dict(distill=method, max_steps=20, save_every=4, batch_size=8, num_epoch=10)
     straight = job_config(workdir, f"straight_{method}", **common)
     killed = job_config(workdir, f"killed_{method}", **common)
-    _run(workdir, f"straight_{method}")
+    assert train(straight)["steps"] == 20
     first_ckpt = os.path.join(killed.output, "checkpoints", "step_000000004")
-    code = _run(workdir, f"killed_{method}", wait_for=first_ckpt)
-    assert code == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not os.path.exists(os.path.join(killed.output, "checkpoints", "step_000000030"))
-    _run(workdir, f"killed_{method}", "--resume")
+    proc = start_process(_train_distill_main, (str(workdir), [f"configs/killed_{method}"]))
+    deadline = time.time() + 240
+    while not os.path.isdir(first_ckpt) and proc.is_alive() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.join(timeout=60)
+    assert proc.exitcode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not os.path.exists(os.path.join(killed.output, "checkpoints", "step_000000020"))
+    monkeypatch.chdir(workdir)
+    train_distill.main([f"configs/killed_{method}", "--resume"])
     log = open(os.path.join(killed.output, "training.log")).read()
-    assert "resumed from" in log
+    assert "resumed from" in log and "finished: 20 steps" in log
     a = torch.load(os.path.join(straight.output, "model.pt"), weights_only=True)
     b = torch.load(os.path.join(killed.output, "model.pt"), weights_only=True)
     assert a.keys() == b.keys()
@@ -101,14 +104,13 @@ def test_two_process_checkpoint_resumes_on_one_process(workdir):
     assert resumed["head"]["centers"].shape[0] == NUM_IDS
 
 
-def test_torchrun_command_and_cache_build_flag(workdir):
+def test_torchrun_command_and_cache_build_flag(workdir, monkeypatch):
     """The documented commands themselves: torchrun with 2 processes, and --build-teacher-cache."""
     cache = str(workdir / "cli_cache")
+    import train_distill
     cfg = job_config(workdir, "cli_run", distill="adadistill", max_steps=2, teacher_cache=cache)
-    build = subprocess.run([sys.executable, os.path.join(REPO, "train_distill.py"),
-                            "configs/cli_run", "--build-teacher-cache"], cwd=str(workdir),
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-3000:]
+    monkeypatch.chdir(workdir)              # the build: train_distill.py's main, in this process
+    train_distill.main(["configs/cli_run", "--build-teacher-cache"])
     assert os.path.isfile(os.path.join(cache, "meta.json"))
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=2", os.path.join(REPO, "train_distill.py"),

@@ -98,10 +98,15 @@ def _chunk_batches(chunks: Sequence[tuple], batch_size: int) -> List[List[int]]:
 
 @torch.no_grad()
 def _embed_pairs(teacher: TeacherHook, images: torch.Tensor) -> torch.Tensor:
-    """``[B, 2, D]`` fp32: teacher embeddings of the images and of their mirrors, one forward."""
+    """``[B, 2, D]`` fp32 on the host: teacher embeddings of the images and of their mirrors,
+    one forward of the ``2B`` batch ``cat(images, flip(images))``.  A torch teacher gets the
+    mirrors made on its device (a GPU receives B images, not 2B); an ONNX teacher reads host
+    arrays, so its images stay on the host."""
+    if isinstance(teacher, TeacherHook):
+        images = images.to(teacher.device, non_blocking=True)
     both = teacher(torch.cat([images, torch.flip(images, dims=[3])]))
     batch = images.shape[0]
-    return torch.stack([both[:batch], both[batch:]], dim=1).cpu()
+    return both.reshape(2, batch, -1).transpose(0, 1).cpu()
 
 
 def _stored(pairs: torch.Tensor, np_dtype: type, wanted: List[int]) -> np.ndarray:

@@ -128,6 +128,15 @@ def test_build_rows_are_the_two_view_forward_bit_for_bit(setup):
     assert torch.equal(got_half, want.half().float())
 
 
+def test_build_in_a_worker_equals_the_in_process_build(setup, tmp_path):
+    """DataLoader workers (torch's collate) and the main process (numpy's stack into a C-order
+    batch) feed the teacher the same batches: byte-identical caches."""
+    with_worker = _files(_build(setup, tmp_path / "w", num_workers=1))
+    in_process = _files(setup.caches["float32"])
+    assert with_worker[EMBEDDINGS_FILE] == in_process[EMBEDDINGS_FILE]
+    assert with_worker[LABELS_FILE] == in_process[LABELS_FILE]
+
+
 def test_killed_build_resumes_byte_identical_without_recomputing(setup, tmp_path):
     calls = []
 

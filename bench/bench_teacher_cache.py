@@ -1,23 +1,32 @@
-"""What the teacher-embedding cache saves: one training step with the online teacher, with the
-cache, and of the student alone, measured side by side in one run (CPU), plus the projected cost of
-a whole run including the one-off cache build.
+"""What the teacher costs: one training step with the online teacher, with the teacher-embedding
+cache, and of the student alone; the cache build against the pure teacher forward it cannot avoid;
+the online teacher hook against the official loop's teacher step -- all measured side by side in
+one run (CPU), and the projected cost of a whole run including the one-off cache build.
 
     python bench/bench_teacher_cache.py [--batch-size 32] [--rounds 3] [--num-classes 85742]
+                                        [--small-classes 1000] [--onnx-rounds 2]
 
 Variants, (a)-(c) each a full optimizer step on the same batch:
-  (a) online:  r50 teacher forward (frozen) + MobileFaceNet forward/backward + AdaDistill head
+  (a) online:  teacher forward (frozen) + student forward/backward + AdaDistill head
   (b) cached:  teacher-embedding cache lookup + the same student step and AdaDistill head
   (c) alone:   the student with the standalone margin head (ArcFace, learned weights)
+  (b') (c')    (b) and (c) with ``--small-classes`` classes (a small head: the teacher's share
+               of the run is largest there; 0 skips them)
   (d) build:   ``build_teacher_cache`` of the batch's images into a fresh folder (decode, both
                views, casts, memmap write, chunk marker, meta)
   (e) forward: the teacher forward of the batch and its mirror, nothing else (the build's floor)
-  (f) hook:    the online teacher step, ``TeacherHook.teacher_embeddings`` (inference_mode,
-               shape check, copy out of inference mode)
-  (g) official: the official loop's teacher step, ``torch.no_grad()`` + the eval-mode backbone
-The variants are interleaved round by round (a, b, c, then c, b, a, ...) so that machine load
-affects them alike; the median per variant is reported, and every round's times.  The projection for ``--epochs`` epochs counts the
-cache build (two teacher forwards per image, once) at its measured cost per image.  Last, the
-cache build throughput of the same teacher exported to ONNX and run by onnxruntime
+  (f) hook:    the online teacher step, ``TeacherHook.teacher_embeddings``
+  (g) official: the official loops' teacher step (AdaDistill, GKD): ``torch.no_grad()``, the
+               eval-mode backbone, then ``F.normalize`` (our heads normalise inside instead)
+  (h) (i)      (f) and (g) with the tiny ``tiny_t`` teacher on 1 image, ``--tiny-calls`` calls
+               per timing: the hook's own per-call cost, which a real teacher hides
+Every round times each variant once, in the order a, b, c, ... and reversed in the next round, so
+that the variants compared ((b)/(c), (d)/(e), (f)/(g), (h)/(i)) run next to each other and
+machine load affects them alike.  Every ratio is computed within each round and printed as
+min / median over the rounds (and every round's value).  Projection for ``--epochs`` epochs, per
+image: ``(build + epochs x cached step) / (epochs x student-alone step)``, data loading left out
+(the same for both); its floor replaces the build by the pure forward of both views (e).  Last,
+the cache build throughput of the teacher exported to ONNX and run by onnxruntime
 (``teacher_network = "onnx"``) beside the torch one (``--onnx-rounds``, 0 skips it).
 """
 from __future__ import annotations
@@ -28,9 +37,10 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,16 +53,28 @@ from plugins.heads import MarginSoftmaxHead  # noqa: E402
 from plugins.teacher import TeacherHook  # noqa: E402
 from plugins.teacher_cache import TeacherEmbeddingCache, cache_identity  # noqa: E402
 
+ONLINE, CACHED, ALONE = "(a) online teacher + student + AdaDistill", \
+    "(b) cached teacher + student + AdaDistill", "(c) student alone + margin head"
+CACHED_SMALL, ALONE_SMALL = "(b') cached, small head", "(c') alone, small head"
+BUILD, FORWARD = "(d) cache build of the batch's images", "(e) teacher forward of both views"
+HOOK, OFFICIAL = "(f) online hook: teacher_embeddings", "(g) official: no_grad + F.normalize"
+TINY_HOOK, TINY_OFFICIAL = "(h) hook, tiny_t teacher, 1 image", "(i) official, tiny_t, 1 image"
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=32, help="images per step")
-    parser.add_argument("--rounds", type=int, default=4, help="timed steps per variant")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (>= 3 for a claim)")
     parser.add_argument("--num-classes", type=int, default=85742,
-                        help="head classes (MS1MV2: 85,742; per rank = global batch x C / W)")
+                        help="head classes (MS1MV2: 85,742; with Partial FC on W ranks each rank "
+                             "scores W x batch embeddings against C / W classes: the same cost)")
+    parser.add_argument("--small-classes", type=int, default=1000,
+                        help="classes of the small-head variants (b') (c'); 0 skips them")
     parser.add_argument("--epochs", type=int, default=26, help="epochs of the projected run")
     parser.add_argument("--teacher", default="r50")
     parser.add_argument("--student", default="mobilefacenet")
+    parser.add_argument("--tiny-calls", type=int, default=20,
+                        help="calls per timing of (h) and (i)")
     parser.add_argument("--onnx-rounds", type=int, default=2,
                         help="cache builds per teacher for the ONNX-teacher comparison (0: skip)")
     return parser.parse_args()
@@ -62,6 +84,13 @@ def timed(step: Callable[[], None]) -> float:
     start = time.perf_counter()
     step()
     return time.perf_counter() - start
+
+
+def spread(values: Sequence[float], digits: int = 2) -> str:
+    """``"xMIN / xMEDIAN (rounds: ...)"`` of per-round ratios."""
+    rounds = " ".join(f"{v:.{digits}f}" for v in values)
+    return (f"x{min(values):.{digits}f} min / x{statistics.median(values):.{digits}f} median"
+            f"   (rounds: {rounds})")
 
 
 def main() -> None:
@@ -95,98 +124,133 @@ def main() -> None:
         """The pure teacher forward the build cannot avoid: the images and their mirrors."""
         teacher(torch.cat([images, torch.flip(images, dims=[3])]))
 
-    def official_teacher_step() -> None:
-        """The official AdaDistill loop's teacher step: the eval-mode backbone under no_grad."""
-        with torch.no_grad():
-            teacher.model(images)
+    def official_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+        def step() -> None:
+            """The official loops' teacher step: eval-mode backbone under no_grad, normalised."""
+            with torch.no_grad():
+                F.normalize(model(x))
+        return step
 
     build_teacher_cache(teacher, plain, cache_dir, meta, batch_size=batch, num_workers=0,
                         dtype="float32", progress=False)
     cache = TeacherEmbeddingCache(cache_dir, expect=meta)
 
-    def distill_model():
+    def distill_model(classes: int):
         torch.manual_seed(1)
         student = resolve_model(args.student)
-        head = AdaDistillHead(512, args.num_classes, margin="arcface", s=64.0, m=0.45)
+        head = AdaDistillHead(512, classes, margin="arcface", s=64.0, m=0.45)
         return student, head, torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
 
-    online_student, online_head, online_opt = distill_model()
-    cached_student, cached_head, cached_opt = distill_model()
-    torch.manual_seed(1)
-    alone_student = resolve_model(args.student)
-    alone_head = MarginSoftmaxHead(512, args.num_classes, margin="arcface", s=64.0, m=0.5)
-    alone_opt = torch.optim.SGD(list(alone_student.parameters()) + list(alone_head.parameters()),
-                                lr=0.1, momentum=0.9)
+    def alone_model(classes: int):
+        torch.manual_seed(1)
+        student = resolve_model(args.student)
+        head = MarginSoftmaxHead(512, classes, margin="arcface", s=64.0, m=0.5)
+        return student, head, torch.optim.SGD(list(student.parameters())
+                                               + list(head.parameters()), lr=0.1, momentum=0.9)
 
-    def distill_step(student, head, opt, source) -> None:
-        f_t = source.teacher_embeddings(images, index, flipped)
-        loss = head(student(images), labels, f_t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
-        opt.step()
+    def distill_step(model, source) -> Callable[[], None]:
+        student, head, opt = model
 
-    def alone_step() -> None:
-        loss = alone_head(alone_student(images), labels)
-        alone_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(alone_student.parameters(), 5.0)
-        alone_opt.step()
+        def step() -> None:
+            f_t = source.teacher_embeddings(images, index, flipped)
+            loss = head(student(images), labels, f_t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
+            opt.step()
+        return step
+
+    def alone_step(model) -> Callable[[], None]:
+        student, head, opt = model
+
+        def step() -> None:
+            loss = head(student(images), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
+            opt.step()
+        return step
+
+    torch.manual_seed(3)
+    tiny = TeacherHook(resolve_model("tiny_t", num_features=512))
+    tiny_images = images[:1].clone()
+    tiny_official = official_step(tiny.model, tiny_images)
+
+    def repeated(step: Callable[[], None]) -> Callable[[], None]:
+        def many() -> None:
+            for _ in range(args.tiny_calls):
+                step()
+        return many
 
     variants: Dict[str, Callable[[], None]] = {
-        "(a) online teacher + student + AdaDistill": lambda: distill_step(
-            online_student, online_head, online_opt, teacher),
-        "(b) cached teacher + student + AdaDistill": lambda: distill_step(
-            cached_student, cached_head, cached_opt, cache),
-        "(c) student alone + margin head": alone_step,
-        "(d) cache build of the batch's images": build_once,
-        "(e) teacher forward of both views": forward_both_views,
-        "(f) online hook: TeacherHook(images)": lambda: teacher.teacher_embeddings(
-            images, index, flipped),
-        "(g) official loop: no_grad model(images)": official_teacher_step,
+        ONLINE: distill_step(distill_model(args.num_classes), teacher),
+        CACHED: distill_step(distill_model(args.num_classes), cache),
+        ALONE: alone_step(alone_model(args.num_classes)),
     }
+    if args.small_classes > 0:
+        variants[CACHED_SMALL] = distill_step(distill_model(args.small_classes), cache)
+        variants[ALONE_SMALL] = alone_step(alone_model(args.small_classes))
+    variants.update({
+        BUILD: build_once,
+        FORWARD: forward_both_views,
+        HOOK: lambda: teacher.teacher_embeddings(images, index, flipped),
+        OFFICIAL: official_step(teacher.model, images),
+        TINY_HOOK: repeated(lambda: tiny.teacher_embeddings(tiny_images, index[:1],
+                                                            flipped[:1])),
+        TINY_OFFICIAL: repeated(tiny_official),
+    })
     times: Dict[str, List[float]] = {name: [] for name in variants}
-    for name, step in variants.items():  # warm-up
+    for step in variants.values():  # warm-up
         step()
     order = list(variants)
-    for round_ in range(args.rounds):  # a, b, c, then c, b, a, ...: no variant always follows
-        for name in (order if round_ % 2 == 0 else order[::-1]):  # the teacher
+    for round_ in range(args.rounds):  # a, b, c, ..., then ..., c, b, a: pairs stay adjacent
+        for name in (order if round_ % 2 == 0 else order[::-1]):
             times[name].append(timed(variants[name]))
-    median = {name: statistics.median(t) for name, t in times.items()}
-    alone = median["(c) student alone + margin head"]
-
-    print(f"teacher {args.teacher}, student {args.student}, batch {batch}, "
-          f"{args.num_classes} classes, CPU threads {torch.get_num_threads()}, "
-          f"{args.rounds} rounds (median)")
-    for name, seconds in median.items():
-        best = min(times[name]) / min(times["(c) student alone + margin head"])
-        rounds = " ".join(f"{t:.2f}" for t in times[name])
-        print(f"  {name:44s} {seconds * 1000:9.1f} ms/step   x{seconds / alone:5.2f} of (c)"
-              f"   (best-of ratio x{best:.2f}; rounds, s: {rounds})")
-    build_per_image = median["(d) cache build of the batch's images"] / len(plain)
-    forward_per_image = median["(e) teacher forward of both views"] / batch
-    best_build = min(times["(d) cache build of the batch's images"]) / len(plain)
-    best_forward = min(times["(e) teacher forward of both views"]) / batch
-    print(f"  cache build throughput / pure teacher forward of both views: "
-          f"x{forward_per_image / build_per_image:.2f} (median), x{best_forward / best_build:.2f} "
-          f"(min)   ({len(plain)} images built per round, {batch} images forwarded)")
-    hook, official = (times["(f) online hook: TeacherHook(images)"],
-                      times["(g) official loop: no_grad model(images)"])
-    print(f"  online teacher hook / official loop's teacher step: "
-          f"x{statistics.median(hook) / statistics.median(official):.3f} (median), "
-          f"x{min(hook) / min(official):.3f} (min)")
-    per_image = {name: seconds / batch for name, seconds in median.items()}
-    run_alone = args.epochs * per_image["(c) student alone + margin head"]
-    run_online = args.epochs * per_image["(a) online teacher + student + AdaDistill"]
-    run_cached = (args.epochs * per_image["(b) cached teacher + student + AdaDistill"]
-                  + build_per_image)
-    print(f"projected {args.epochs}-epoch run, as a multiple of training the student alone "
-          f"(medians of this run):")
-    print(f"  online teacher            x{run_online / run_alone:5.2f}")
-    print(f"  cache build + cached run  x{run_cached / run_alone:5.2f}"
-          f"   (build alone: x{build_per_image / run_alone:.2f})")
+    report(args, times, batch, len(plain))
     if args.onnx_rounds > 0:
         onnx_build_throughput(args, data, work)
+
+
+def report(args: argparse.Namespace, times: Dict[str, List[float]], batch: int,
+           built: int) -> None:
+    """Print every variant's times and the per-round ratios (min / median over the rounds)."""
+    rounds = range(args.rounds)
+    print(f"teacher {args.teacher}, student {args.student}, batch {batch}, {args.num_classes} "
+          f"classes (small head: {args.small_classes}), CPU threads {torch.get_num_threads()}, "
+          f"{args.rounds} interleaved rounds; load average at the end "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for name, values in times.items():
+        per = " ".join(f"{t:.3f}" for t in values)
+        print(f"  {name:44s} median {statistics.median(values):8.3f} s   (rounds, s: {per})")
+
+    def ratio(top: str, bottom: str) -> List[float]:
+        return [times[top][r] / times[bottom][r] for r in rounds]
+
+    print("ratios, each within one round (min / median over the rounds):")
+    # build: len(plain) images of both views; forward: the batch's images of both views
+    throughput = [(built / times[BUILD][r]) / (batch / times[FORWARD][r]) for r in rounds]
+    print(f"  (a) cache build throughput / pure teacher forward of both views: "
+          f"{spread(throughput)}")
+    print(f"  (c) online hook (f) / official teacher step (g), {args.teacher}: "
+          f"{spread(ratio(HOOK, OFFICIAL), 3)}")
+    print(f"      the hook's own cost: (h) / (i), tiny_t on 1 image: "
+          f"{spread(ratio(TINY_HOOK, TINY_OFFICIAL), 3)}")
+    e = args.epochs
+    heads = [(args.num_classes, CACHED, ALONE)]
+    if args.small_classes > 0:
+        heads.append((args.small_classes, CACHED_SMALL, ALONE_SMALL))
+    for classes, cached, alone in heads:
+        projection = [(times[BUILD][r] / built + e * times[cached][r] / batch)
+                      / (e * times[alone][r] / batch) for r in rounds]
+        floor = [(times[FORWARD][r] / batch + e * times[cached][r] / batch)
+                 / (e * times[alone][r] / batch) for r in rounds]
+        print(f"  {classes} classes: cached step / student-alone step: "
+              f"{spread(ratio(cached, alone))}")
+        print(f"  (b) {classes} classes, projected {e}-epoch run, cache build + cached run / "
+              f"student alone: {spread(projection)}")
+        print(f"      its floor (build = pure forward of both views): {spread(floor)}")
+    print(f"  {args.num_classes} classes, online step (a) / student-alone step (c): "
+          f"{spread(ratio(ONLINE, ALONE))}")
 
 
 def onnx_build_throughput(args: argparse.Namespace, data: str, work: str) -> None:

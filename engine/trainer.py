@@ -313,8 +313,9 @@ def _micro_batch(run: _Run, progress: _Progress, batch, sync: bool) -> bool:
     embeddings = run.model(images).float()
     teacher_emb = None
     if run.teacher is not None:
-        teacher_emb = run.teacher.teacher_embeddings(images, index.to(device),
-                                                     flipped.to(device)).float()
+        # index/flipped stay on the host where the loader made them: the cache reads them
+        # there (a trip to the GPU and back would stall every step), the hook ignores them
+        teacher_emb = run.teacher.teacher_embeddings(images, index, flipped).float()
     loss = head_loss(run.head, embeddings, labels, teacher_emb, progress.epoch)
     finite = bool(torch.isfinite(loss).item())
     if finite:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -107,7 +108,9 @@ class TeacherHook(nn.Module):
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
         """The forward pass's autocast dtype, None for fp32 (see ``autocast_dtype`` above)."""
-        device_type = self.device.type
+        return self._autocast_dtype_on(self.device.type)
+
+    def _autocast_dtype_on(self, device_type: str) -> Optional[torch.dtype]:
         if not self.fp16 or not torch.amp.is_autocast_available(device_type):
             return None
         if self.requested_dtype is not None:
@@ -135,14 +138,21 @@ class TeacherHook(nn.Module):
         """
         if images.dim() != 4:
             raise ValueError(f"TeacherHook expects images [B, 3, H, W], got {tuple(images.shape)}")
+        # Per-call overhead kept small (one parameter lookup; an autocast context only when one
+        # is needed -- ours, or switching off a caller's enclosing one so an fp32 teacher stays
+        # fp32): the official loop's teacher step is just ``no_grad`` + forward.
         device = self.device
         images = images.to(device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        dtype = self.autocast_dtype
-        with torch.inference_mode(), torch.autocast(device_type=device.type,
-                                                    dtype=dtype or torch.float16,
-                                                    enabled=dtype is not None):
+        dtype = self._autocast_dtype_on(device.type)
+        if dtype is not None:
+            autocast = torch.autocast(device_type=device.type, dtype=dtype)
+        elif torch.is_autocast_enabled(device.type):
+            autocast = torch.autocast(device_type=device.type, enabled=False)
+        else:
+            autocast = nullcontext()
+        with torch.inference_mode(), autocast:
             out = self.model(images)
         if out.dim() != 2 or out.shape[0] != images.shape[0] or (
                 self.embedding_size is not None and out.shape[1] != self.embedding_size):

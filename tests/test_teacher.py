@@ -90,6 +90,30 @@ def test_hook_cpu_options_and_output_check():
         plain(x[0])
 
 
+def test_hook_precision_under_an_enclosing_autocast():
+    """An fp32 teacher stays fp32 (bit for bit) inside a caller's autocast region; a teacher with
+    an autocast dtype runs exactly the model under that autocast, inside a region or not."""
+    model = _trained_like_tiny_t()
+    reference = copy.deepcopy(model).eval()
+    x = _images(2)
+    with torch.no_grad():
+        fp32 = reference(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = reference(x).float()
+    assert (fp32 - bf16).abs().max() > 0  # the autocast really changes the numbers
+    hook = TeacherHook(copy.deepcopy(model))
+    half = TeacherHook(copy.deepcopy(model), fp16=True, autocast_dtype=torch.bfloat16)
+    assert half.autocast_dtype == torch.bfloat16 and hook.autocast_dtype is None
+    for region in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=region):
+            got, got_half = hook(x), half(x)
+        assert torch.is_autocast_enabled("cpu") is False  # contexts left as found
+        torch.testing.assert_close(got, fp32, rtol=0, atol=0)
+        torch.testing.assert_close(got_half, bf16, rtol=0, atol=0)
+        assert got.dtype == got_half.dtype == torch.float32
+        assert not got.is_inference() and not got_half.is_inference()
+
+
 def test_check_embedding_sizes():
     for method in ("adadistill", "arcdistill", "cosdistill", "feature_mse"):
         check_embedding_sizes(method, 512, 512)

@@ -103,6 +103,40 @@ def test_lookup_equals_the_teacher_on_plain_and_mirrored_images(setup):
         exact.lookup(torch.tensor([0, 9]), torch.tensor([False, False]))
 
 
+def test_build_rows_are_the_two_view_forward_bit_for_bit(setup):
+    """Row i of a float32 cache is, to the bit, the teacher's output for image i and for its
+    mirror in the build's one forward of ``cat(batch, flip(batch))`` (batches [0,1,2] [3] [4,5,6]
+    [7] [8]: they never cross a chunk); the float16 cache is that, rounded once."""
+    images = torch.stack([setup.dataset[i][0] for i in range(len(setup.dataset))])
+    expected = torch.empty(len(images), 2, DIM)
+    for start, stop in ((0, 3), (3, 4), (4, 7), (7, 8), (8, 9)):
+        x = images[start:stop]
+        both = setup.teacher(torch.cat([x, torch.flip(x, dims=[3])]))
+        expected[start:stop, 0], expected[start:stop, 1] = both[:stop - start], both[stop - start:]
+    exact = TeacherEmbeddingCache(setup.caches["float32"], expect=setup.meta)
+    half = TeacherEmbeddingCache(setup.caches["float16"], expect=setup.meta)
+    assert np.array_equal(exact.table, expected.numpy())
+    assert np.array_equal(half.table, expected.numpy().astype(np.float16))
+    # lookups: rows by index, slot by flip, float32 out, in the order asked, repeats allowed
+    index = torch.tensor([8, 0, 8, 3, 5])
+    flipped = torch.tensor([True, False, False, True, True])
+    want = expected[index, flipped.long()]
+    assert torch.equal(exact.lookup(index, flipped), want)
+    assert torch.equal(exact.teacher_embeddings(None, index, flipped), want)
+    got_half = half.lookup(index, flipped)
+    assert got_half.dtype == torch.float32
+    assert torch.equal(got_half, want.half().float())
+
+
+def test_build_in_a_worker_equals_the_in_process_build(setup, tmp_path):
+    """DataLoader workers (torch's collate) and the main process (numpy's stack into a C-order
+    batch) feed the teacher the same batches: byte-identical caches."""
+    with_worker = _files(_build(setup, tmp_path / "w", num_workers=1))
+    in_process = _files(setup.caches["float32"])
+    assert with_worker[EMBEDDINGS_FILE] == in_process[EMBEDDINGS_FILE]
+    assert with_worker[LABELS_FILE] == in_process[LABELS_FILE]
+
+
 def test_killed_build_resumes_byte_identical_without_recomputing(setup, tmp_path):
     calls = []
 

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from ..adadistill import ALPHAS, update_centers_
-from ..distributed import all_gather_no_grad, all_gather_with_grad, all_reduce
-from ..margin import (check_batch, check_labels_range, check_margin_args, cosine_logits,
+from ..distributed import all_reduce
+from ..margin import (check_batch, check_margin_args, cosine_logits,
                       distributed_margin_cross_entropy, select_classes)
-from .base import DistillHead, configured_teacher_classifier, margin_from_config
+from .base import (DistillHead, configured_teacher_classifier, gather_global_batch,
+                   margin_from_config)
 from .registry import register_head
 
 
@@ -135,11 +136,9 @@ class AdaDistillHead(DistillHead):
         if self.centers.dtype != torch.float32:
             raise RuntimeError(f"AdaDistillHead.centers must stay fp32, found "
                                f"{self.centers.dtype}; do not call .half()/.to(dtype) on the head")
-        student_all = all_gather_with_grad(student)
-        teacher_all = all_gather_no_grad(teacher.detach())
-        local = all_gather_no_grad(labels).long()
+        student_all, teacher_all, local = gather_global_batch(student, teacher, labels,
+                                                             self.num_classes)
         n = local.shape[0]
-        check_labels_range(local, self.num_classes)
         local = local - self.class_start
 
         with torch.no_grad(), torch.autocast(device_type=student.device.type, enabled=False):

@@ -16,7 +16,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..distributed import rank_and_world, shard_range
+from ..distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world, shard_range
+from ..margin import check_labels_range
 
 MARGIN_KINDS = ("arcface", "cosface")
 
@@ -80,6 +81,17 @@ class DistillHead(nn.Module):
     def reduce_replicated_grads(self) -> None:
         """Sum over ranks the gradients of parameters replicated on every rank (called after
         backward, before unscale / clip / step); heads without such parameters do nothing."""
+
+
+def gather_global_batch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                        num_classes: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(f_s [N, D_s] with gradient, f_t [N, D_t] constant, y [N] long)``: the global batch of
+    the ranks in rank order (``N = W * B``), the labels checked to lie in ``[0, num_classes)``."""
+    f_s = all_gather_with_grad(student)
+    f_t = all_gather_no_grad(teacher.detach())
+    y = all_gather_no_grad(labels.to(student.device, torch.long))
+    check_labels_range(y, num_classes)
+    return f_s, f_t, y
 
 
 def margin_from_config(cfg) -> Tuple[str, float, float]:

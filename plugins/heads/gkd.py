@@ -126,9 +126,7 @@ class GKDHead(TeacherLogitsHead):
         self.sampled_index: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
-        return (f"classes={self.class_start}..{self.class_start + self.num_local - 1} of "
-                f"{self.num_classes}, D_s={self.embedding_size}, D_t={self.teacher_embedding_size},"
-                f" s={self.s}, m={self.m}, T={self.temperature}, alpha={self.alpha}, "
+        return (f"{self.classifier_repr()}, T={self.temperature}, alpha={self.alpha}, "
                 f"beta={self.beta}, lamda={self.lamda}, k={self.k}, tau={self.tau}, "
                 f"rank_by={self.rank_by}, tau_batch={self.tau_batch}, "
                 f"warmup_epochs={self.warmup_epochs}, "

@@ -75,11 +75,8 @@ class KDHead(TeacherLogitsHead):
         self.kd_weight, self.warmup_epochs = float(weight), warmup_epochs
 
     def extra_repr(self) -> str:
-        return (f"classes={self.class_start}..{self.class_start + self.num_local - 1} of "
-                f"{self.num_classes}, D_s={self.embedding_size}, "
-                f"D_t={self.teacher_embedding_size}, s={self.s}, m={self.m}, "
-                f"kd_weight={self.kd_weight}, warmup_epochs={self.warmup_epochs}, "
-                f"sample_rate={self.sample_rate}")
+        return (f"{self.classifier_repr()}, kd_weight={self.kd_weight}, "
+                f"warmup_epochs={self.warmup_epochs}, sample_rate={self.sample_rate}")
 
     @classmethod
     def from_config(cls, cfg, teacher_classifier: Optional[torch.Tensor] = None) -> "KDHead":

@@ -24,11 +24,12 @@ from typing import Optional
 
 import torch
 
-from ..distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world, shard_range
+from ..distributed import rank_and_world, shard_range
 from ..kd_terms import MarginDistillationMargins
-from ..margin import (check_batch, check_labels_range, cosine_logits,
+from ..margin import (check_batch, cosine_logits,
                       distributed_margin_cross_entropy, select_classes)
-from .base import DistillHead, configured_teacher_classifier, margin_from_config
+from .base import (DistillHead, configured_teacher_classifier, gather_global_batch,
+                   margin_from_config)
 from .margin_softmax import MARGIN_GRADS
 from .registry import register_head
 
@@ -107,10 +108,7 @@ class MarginDistillationHead(DistillHead):
         """Loss of the global batch: ``student [B, D]``, ``labels [B]``, ``teacher [B, D]``."""
         teacher = self.require_teacher(teacher)
         check_batch(self.embedding_size, labels, student, teacher)
-        f_s = all_gather_with_grad(student)
-        f_t = all_gather_no_grad(teacher.detach())
-        y = all_gather_no_grad(labels.to(student.device, torch.long))
-        check_labels_range(y, self.num_classes)
+        f_s, f_t, y = gather_global_batch(student, teacher, labels, self.num_classes)
         kept, column = select_classes(y - self.class_start, self.num_local, self.sample_rate)
         centers = self.teacher_weight if kept is None else self.teacher_weight[kept]
         m = self.margins(f_t, centers, column)

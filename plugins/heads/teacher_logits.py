@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_gather_no_grad, all_gather_with_grad
-from ..margin import check_labels_range, select_classes
-from .base import DistillHead, margin_from_config
+from ..margin import select_classes
+from .base import DistillHead, gather_global_batch, margin_from_config
 
 
 class MarginLogits(NamedTuple):
@@ -98,14 +97,17 @@ class TeacherLogitsHead(DistillHead):
     def learned_classifier(self) -> Optional[torch.Tensor]:
         return self.weight.detach()
 
+    def classifier_repr(self) -> str:
+        """The shard and classifier part of ``extra_repr``; subclasses append their options."""
+        return (f"classes={self.class_start}..{self.class_start + self.num_local - 1} of "
+                f"{self.num_classes}, D_s={self.embedding_size}, "
+                f"D_t={self.teacher_embedding_size}, s={self.s}, m={self.m}")
+
     def margin_logits(self, student: torch.Tensor, labels: torch.Tensor,
                       teacher: torch.Tensor) -> MarginLogits:
         """Gather the global batch (student with gradient) and build both logit matrices in fp32
         (fp64 for an fp64 classifier) with autocast off, over the classes kept this step."""
-        f_s = all_gather_with_grad(student)
-        f_t = all_gather_no_grad(teacher.detach())
-        y = all_gather_no_grad(labels.to(student.device, torch.long))
-        check_labels_range(y, self.num_classes)
+        f_s, f_t, y = gather_global_batch(student, teacher, labels, self.num_classes)
         index, column = select_classes(y - self.class_start, self.num_local, self.sample_rate)
         weight, teacher_weight = self.weight, self.teacher_weight
         if index is not None:

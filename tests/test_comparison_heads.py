@@ -3,14 +3,12 @@ paper-recipe job configs, a 2-step run through train_distill.py's code path, and
 invariance of each head (loss, student gradient, replicated-parameter gradients, class-shard
 gradients) on 1 vs 2 gloo processes.  The float64 re-derivations of the terms themselves are in
 tests/test_kd_terms_math.py (not repeated here)."""
-import copy
 import os
 
 import pytest
 import torch
 from easydict import EasyDict
 
-import engine.trainer as trainer
 from engine.checkpoint import CheckpointManager
 from engine.config import get_config
 from plugins.builders import check_config
@@ -19,7 +17,7 @@ from plugins.heads import (DistillHead, MarginPlusKD, build_head, check_embeddin
                            head_spec)
 from plugins.margin import distributed_margin_cross_entropy
 from tests.distributed_harness import run_distributed
-from tests.training_helpers import NUM_IDS, job_config
+from tests.training_helpers import NUM_IDS, job_config, train_capturing_head
 
 HEADS = ["kd", "fitnet", "angular", "rkd", "sp", "cckd", "ekd", "margin_distillation"]
 # name -> (teacher_classifier, same_dim, {key: default}, the paper config it derives from)
@@ -113,20 +111,7 @@ def test_two_training_steps_through_the_trainer(workdir, name):
     extra = {"fitnet": {"fitnet_regressor": "always"}, "ekd": {"ekd_top_k": 20}}.get(name, {})
     cfg = job_config(workdir, f"cmp_{name}", distill=name, max_steps=2, frequent=1, **extra)
     check_config(cfg)
-    made = []
-    real_build = trainer.build_head
-
-    def spy(*args, **kwargs):
-        made.append(real_build(*args, **kwargs))
-        initial.update({k: v.detach().clone() for k, v in made[-1].state_dict().items()})
-        return made[-1]
-    initial = {}
-    trainer.build_head = spy
-    try:
-        summary = trainer.train(cfg)
-    finally:
-        trainer.build_head = real_build
-    head = made[0]
+    summary, head, initial = train_capturing_head(cfg)
     assert isinstance(head, head_spec(name).cls) and isinstance(head, DistillHead)
     assert summary["steps"] == 2 and summary["skipped_steps"] == 0
     assert all(torch.isfinite(torch.tensor(loss)) and loss > 0 for loss in summary["losses"])

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import engine.trainer as trainer
 from engine.config import get_config
 from plugins.builders import check_config
 from plugins.config_defaults import CHOICES, DISTILL_DEFAULTS, KEY_TYPES
@@ -17,7 +16,7 @@ from plugins.distributed import all_reduce_sum_with_grad
 from plugins.heads import (DistillHead, build_head, check_embedding_sizes, head_names, head_spec,
                            register_head)
 from plugins.heads.base import margin_from_config
-from tests.training_helpers import NUM_IDS, job_config
+from tests.training_helpers import NUM_IDS, job_config, train_capturing_head
 
 TOY = "toy_cosine_kd"
 
@@ -107,18 +106,7 @@ def test_a_toy_head_registered_here_trains_two_steps(workdir):
                      frequent=1, embedding_size=512)
     assert cfg.toy_weight == 2.0 and cfg.toy_mode == "mean"   # accepted and defaulted
     check_config(cfg)
-    made = []
-    real_build = trainer.build_head
-
-    def spy(*args, **kwargs):
-        made.append(real_build(*args, **kwargs))
-        return made[-1]
-    trainer.build_head = spy
-    try:
-        summary = trainer.train(cfg)
-    finally:
-        trainer.build_head = real_build
-    head = made[0]
+    summary, head, _ = train_capturing_head(cfg)
     assert type(head) is ToyCosineHead and head.weight == 2.0
     assert summary["steps"] == 2 and summary["skipped_steps"] == 0
     assert all(0.0 <= loss <= 4.0 for loss in summary["losses"])     # 2 * (1 - cos)

@@ -43,3 +43,21 @@ def job_config(root, name, **overrides):
     return get_config(f"configs/{name}", root=str(root))
 
 
+def train_capturing_head(cfg):
+    """``(summary, head, initial_state)``: ``engine.trainer.train(cfg)`` with the head it builds
+    caught on the way (``initial_state``: a copy of the head's state right after it was built)."""
+    import engine.trainer as trainer
+
+    made, initial = [], {}
+    real_build = trainer.build_head
+
+    def spy(*args, **kwargs):
+        made.append(real_build(*args, **kwargs))
+        initial.update({k: v.detach().clone() for k, v in made[-1].state_dict().items()})
+        return made[-1]
+    trainer.build_head = spy
+    try:
+        summary = trainer.train(cfg)
+    finally:
+        trainer.build_head = real_build
+    return summary, made[0], initial

@@ -28,7 +28,7 @@ from engine.run_identity import check_resume, run_identity
 from engine.step_guard import BufferSnapshot
 from engine.precision import precision_plan, scaler_step
 from engine.runtime import (CONFIG_LOGGER, configure_cpu_threads, init_distributed,
-                          seed_everything, setup_logging)
+                          resolve_num_workers, seed_everything, setup_logging)
 from plugins.ddp_gradient import exact_gradient_hook
 from plugins.heads import DistillHead
 from plugins.sharded_state import gather_full_table
@@ -162,19 +162,22 @@ class _Logs:
 def _setup(cfg) -> _Run:
     """Logging, checks, seeds, data, student, teacher source, head, DDP, optimizer, schedule."""
     from data.dataset import FaceRecordDataset, ResumableDistributedSampler, make_loader
+    from data.device_batches import DeviceBatches, LoaderWaitMeter, host_pixels
     from plugins.backbones import resolve_model
 
     rank, world, _, device = init_distributed()
     setup_logging(cfg.output, rank)
     check_config(cfg)
+    workers = resolve_num_workers(cfg.num_workers, device.type)     # "auto": CPUs per rank - 1
     if device.type == "cpu":
-        LOG.info("CPU: %d intra-op threads per process", configure_cpu_threads(cfg.num_workers))
+        LOG.info("CPU: %d intra-op threads per process", configure_cpu_threads(workers))
     seed_everything(cfg.seed)
     precision = precision_plan(device, cfg)        # autocast dtype, GradScaler, channels_last
     LOG.info(precision.describe())
 
     dataset = FaceRecordDataset(cfg.rec, num_classes=cfg.num_classes, flip=cfg.flip,
-                                seed=cfg.seed, skip_bad=cfg.skip_bad_records)
+                                seed=cfg.seed, skip_bad=cfg.skip_bad_records,
+                                pixels=host_pixels(device))     # uint8 to a GPU, float on CPU
     if cfg.get("num_image", len(dataset)) != len(dataset):
         LOG.warning("config num_image=%d but %s holds %d images; using %d",
                     cfg.num_image, cfg.rec, len(dataset), len(dataset))
@@ -186,8 +189,10 @@ def _setup(cfg) -> _Run:
                          f"{global_batch * acc} (batch_size x world size x gradient_acc)")
     sampler = ResumableDistributedSampler(len(dataset), cfg.batch_size, num_replicas=world,
                                           rank=rank, shuffle=True, seed=cfg.seed)
-    loader = make_loader(dataset, sampler, cfg.batch_size, cfg.num_workers, pin_memory=True,
-                         seed=cfg.seed)     # pinned where an accelerator exists
+    # pinned where an accelerator exists; batches on the device one ahead of the step
+    loader = DeviceBatches(make_loader(dataset, sampler, cfg.batch_size, workers, seed=cfg.seed),
+                           device, precision.memory_format,
+                           LoaderWaitMeter(workers, cfg.batch_size, log=rank == 0))
 
     student = resolve_model(cfg.network, num_features=cfg.embedding_size,
                             fp16=precision.backbone_fp16).to(device)
@@ -304,10 +309,7 @@ def _train_epoch(run: _Run, progress: _Progress, logs: _Logs, stop, buffers: Buf
 def _micro_batch(run: _Run, progress: _Progress, batch, sync: bool) -> bool:
     """Forward and (when the loss is finite) backward of one micro-batch; False for a
     non-finite loss.  ``sync``: the last micro-batch of the step (DDP all-reduces then)."""
-    images, labels, index, flipped = batch
-    device = run.device
-    images = run.precision.memory_format(images.to(device, non_blocking=True))
-    labels = labels.to(device, non_blocking=True)
+    images, labels, index, flipped = batch          # on the device (DeviceBatches)
     for group in run.optimizer.param_groups:
         group["lr"] = run.schedule.lr_at(progress.step)
     embeddings = run.model(images).float()

@@ -80,7 +80,8 @@ KEY_TYPES: Dict[str, tuple] = {
     "num_classes": _INT, "num_image": _INT, "num_epoch": _INT, "warmup_epoch": _NUM,
     "batch_size": _INT, "embedding_size": _INT, "lr": _NUM, "momentum": _NUM,
     "weight_decay": _NUM, "sample_rate": _NUM, "fp16": _BOOL, "resume": _BOOL,
-    "gradient_acc": _INT, "seed": _INT, "num_workers": _INT, "frequent": _INT, "verbose": _INT,
+    "gradient_acc": _INT, "seed": _INT, "num_workers": (int, str), "frequent": _INT,
+    "verbose": _INT,
     "network": _STR, "optimizer": _STR, "rec": _STR, "output": _OPT_STR, "margin_list": _SEQ,
     "val_targets": _SEQ,
     "lr_reference_batch": (int, type(None)), "warmup_lr": _NUM, "lr_min": _NUM,
@@ -178,6 +179,9 @@ def check_types(cfg: Mapping[str, Any], source: str) -> None:
         if key in cfg and cfg[key] not in choices:
             raise ValueError(f"{source}: config key '{key}' must be one of {list(choices)}, "
                              f"got {cfg[key]!r}")
+    if isinstance(cfg.get("num_workers"), str) and cfg["num_workers"] != "auto":
+        raise ValueError(f"{source}: config key 'num_workers' must be an int >= 0 or 'auto', "
+                         f"got {cfg['num_workers']!r}")
     check_onnx_teacher_keys(cfg, source)
 
 

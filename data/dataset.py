@@ -347,9 +347,7 @@ def collate_batch(items: List[tuple]) -> tuple:
     single-threaded and there ``default_collate`` also stacks straight into shared memory."""
     if get_worker_info() is not None:
         return default_collate(items)
-    first = items[0][0]
-    images = torch.empty((len(items),) + tuple(first.shape), dtype=first.dtype)  # C order
-    np.stack([item[0].numpy() for item in items], out=images.numpy())
+    images = torch.from_numpy(np.stack([item[0].numpy() for item in items]))     # C order
     return (images, *default_collate([item[1:] for item in items]))
 
 

@@ -1,8 +1,9 @@
 """Dataset items/s against the pure decode + flip (+ normalise) of the same records, and the
 training loader's images/s with 0 and N workers.
 
-One process, one run, alternating rounds (the best round of each row kept, so load from other
-processes hits every row alike), torch and OpenCV on one thread as in a DataLoader worker:
+One process, one run, torch and OpenCV on one thread as in a DataLoader worker; the rows take
+turns every ``--chunk`` items within each of ``--rounds`` rounds (so load from other processes
+hits every row alike), and every ratio is taken within a round (median and range printed):
 
   decode + flip               the JPEG bytes already in memory, decoded, mirrored (OpenCV): the
                               floor of any reader
@@ -25,11 +26,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import statistics
 import struct
 import sys
 import tempfile
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import cv2
 import numpy as np
@@ -87,11 +89,18 @@ def pure_rows(ds: FaceRecordDataset, n: int) -> Dict[str, Callable[[int], object
     return {"decode + flip": decode_flip, "decode + flip + normalise": decode_flip_normalise}
 
 
-def items_per_second(fn: Callable[[int], object], n: int) -> float:
-    start = time.perf_counter()
-    for i in range(n):
-        fn(i)
-    return n / (time.perf_counter() - start)
+def interleaved_items_per_second(rows: Dict[str, Callable[[int], object]], n: int,
+                                 chunk: int) -> Dict[str, float]:
+    """items/s of every row over items ``0 .. n-1``, the rows taking turns every ``chunk``
+    items, so that a burst of load from elsewhere hits them alike."""
+    seconds = {name: 0.0 for name in rows}
+    for lo in range(0, n, chunk):
+        for name, fn in rows.items():
+            start = time.perf_counter()
+            for i in range(lo, min(lo + chunk, n)):
+                fn(i)
+            seconds[name] += time.perf_counter() - start
+    return {name: n / seconds[name] for name in rows}
 
 
 def loader_images_per_second(loader) -> float:
@@ -102,12 +111,18 @@ def loader_images_per_second(loader) -> float:
     return images / (time.perf_counter() - start)
 
 
+RATIOS = (("FaceRecordDataset float", "decode + flip + normalise"),
+          ("FaceRecordDataset uint8", "decode + flip"),
+          ("FaceRecordDataset float", "Pillow reader"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=None, help="folder with train.rec/.idx (default: "
                                                  "generate a synthetic one in a temp folder)")
     ap.add_argument("--num-images", type=int, default=2000, help="records timed per round")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; best one kept")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds (median and range printed)")
+    ap.add_argument("--chunk", type=int, default=50, help="items per turn of a row")
     ap.add_argument("--batch-size", type=int, default=128, help="loader batch")
     ap.add_argument("--workers", type=int, default=None,
                     help="loader workers of the N-worker rows (default: num_workers='auto' of "
@@ -142,37 +157,38 @@ def main() -> None:
                     pass
         batch_u8 = next(iter(loaders[("uint8", 0)]))[0]
 
-        best: Dict[str, float] = {name: 0.0 for name in rows}
-        best_loader = {key: 0.0 for key in loaders}
-        best_norm = 0.0
+        item_rates: List[Dict[str, float]] = []
+        loader_rates: List[Dict[tuple, float]] = []
+        norm_rates: List[float] = []
         for _ in range(args.rounds):
-            for name, fn in rows.items():
-                best[name] = max(best[name], items_per_second(fn, n))
-            for key, loader in loaders.items():
-                best_loader[key] = max(best_loader[key], loader_images_per_second(loader))
+            item_rates.append(interleaved_items_per_second(rows, n, args.chunk))
+            loader_rates.append({key: loader_images_per_second(loader)
+                                 for key, loader in loaders.items()})
             start = time.perf_counter()
             normalise_batch(batch_u8)
-            best_norm = max(best_norm, batch_u8.shape[0] / (time.perf_counter() - start))
+            norm_rates.append(batch_u8.shape[0] / (time.perf_counter() - start))
 
-    print(f"records: {n} from {root}, decoder: {decoder_name()}, torch/OpenCV threads: 1, "
-          f"best of {args.rounds} alternating rounds")
-    print(f"{'per item (one process)':<30} {'items/s':>9}")
+    def summary(values: List[float], fmt: str) -> str:
+        low, high = format(min(values), fmt).strip(), format(max(values), fmt).strip()
+        return f"{format(statistics.median(values), fmt)} (range {low}-{high})"
+
+    print(f"records: {n} from {root}, decoder: {decoder_name()}, torch/OpenCV threads: 1; "
+          f"{args.rounds} rounds, rows taking turns every {args.chunk} items; median (range)")
+    print("per item, one process                items/s")
     for name in rows:
-        print(f"  {name:<28} {best[name]:9.0f}")
-    pure, pure_norm = best["decode + flip"], best["decode + flip + normalise"]
-    print(f"ratio FaceRecordDataset float / (decode + flip + normalise): "
-          f"{best['FaceRecordDataset float'] / pure_norm:.2f}x")
-    print(f"ratio FaceRecordDataset uint8 / (decode + flip):             "
-          f"{best['FaceRecordDataset uint8'] / pure:.2f}x")
-    print(f"ratio FaceRecordDataset float / Pillow reader:               "
-          f"{best['FaceRecordDataset float'] / best['Pillow reader']:.2f}x")
-    print(f"\ntraining loader, batches of {args.batch_size} "
-          f"({os.cpu_count()} CPUs on this machine)")
-    for (pixels, w), rate in best_loader.items():
-        print(f"  {pixels:<5} batches, {w} workers  {rate:9.0f} images/s "
-              f"({rate / args.batch_size:6.1f} batches/s)")
-    print(f"  uint8 batch normalised by the table on this CPU: {best_norm:9.0f} images/s "
-          f"(on a GPU this is a kernel after the copy)")
+        print(f"  {name:<28} {summary([r[name] for r in item_rates], '7.0f')}")
+    for ours, base in RATIOS:
+        ratios = [r[ours] / r[base] for r in item_rates]
+        print(f"ratio {ours} / ({base}): {summary(ratios, '.2f')}")
+    print(f"\ntraining loader (data.dataset.make_loader), batches of {args.batch_size}, "
+          f"{os.cpu_count()} CPUs here; images/s")
+    for key in loaders:
+        pixels, w = key
+        rates = [r[key] for r in loader_rates]
+        print(f"  {pixels:<5} batches, {w} workers    {summary(rates, '7.0f')}   "
+              f"= {statistics.median(rates) / args.batch_size:.1f} batches/s")
+    print(f"  uint8 batch normalised by the table on this CPU: {summary(norm_rates, '.0f')} "
+          f"images/s (on a GPU: one kernel after the copy)")
 
 
 if __name__ == "__main__":

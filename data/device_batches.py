@@ -19,8 +19,9 @@ pass through (a ``uint8`` batch is normalised on the host).
 Whether the loader or the step limits a run is measured, not guessed: ``DeviceBatches`` times
 how long it waits for the loader and how long the step takes between two batches, over batches
 ``skip + 1 .. skip + window`` of the run (the first ones include the workers' start), and logs it
-once.  This costs two clock reads per batch, takes no extra sample from the resumable sampler and
-changes nothing that is trained.
+once.  This costs two clock reads per batch and changes nothing that is trained (a batch
+prefetched beyond the last trained one is dropped; the trainer positions the sampler from the
+samples it trained, at every epoch and resume).
 """
 from __future__ import annotations
 

@@ -99,7 +99,8 @@ class LoaderWaitMeter:
         rate = n * self.batch_size / max(self.elapsed, 1e-12)
         head = (f"loader: waited {wait_ms:.1f} ms for data per batch, {100 * share:.0f}% of the "
                 f"{step_ms:.1f} ms between batches (batches {self.skip + 1}-{self.skip + n}, "
-                f"{rate:.0f} images/s, {self.num_workers} workers)")
+                f"{rate:.0f} images/s, {self.num_workers} "
+                f"worker{'' if self.num_workers == 1 else 's'})")
         if share > LIMIT_FRACTION:
             return (f"{head}: the loader limits this run; raise num_workers (or 'auto'), check "
                     f"the storage of rec, and see bench/bench_dataset.py for its capacity")

@@ -174,10 +174,8 @@ class GKDHead(TeacherLogitsHead):
         self.sampled_index = index
 
         with torch.autocast(device_type=z_s.device.type, enabled=False):
-            target = torch.zeros_like(z_t, dtype=torch.bool)
-            target[logits.rows, logits.cols] = True
             ce, _ = sharded_cross_entropy(z_s, logits.column)
-            parts = _gkd_parts(z_s, z_t, target, num_kept, self.temperature, self.alpha,
+            parts = _gkd_parts(z_s, z_t, logits.target, num_kept, self.temperature, self.alpha,
                                self.beta, self.lamda, self.k, self.tau, self.rank_by, self.k_step,
                                reduce, group)
         kd_weight = kd_warmup_weight(epoch, self.warmup_epochs)
@@ -185,7 +183,8 @@ class GKDHead(TeacherLogitsHead):
         self.stats = {name: value.detach() for name, value in (
             ("ce", ce), ("kd", parts.total), ("binary", parts.binary),
             ("primary", parts.primary), ("secondary", parts.secondary))}
-        self.stats["kd_weight"] = torch.tensor(kd_weight, dtype=ce.dtype)
-        self.stats["k"] = torch.tensor(parts.k_used)
+        # made on the loss's device (a fill, no host copy), so the trainer can sum them there
+        self.stats["kd_weight"] = ce.new_full((), kd_weight)
+        self.stats["k"] = ce.new_full((), parts.k_used)
         return loss
 

@@ -51,6 +51,7 @@ class SyncCounter:
         self._host_storages: set = set()
         self._host_alive: List[torch.Tensor] = []
         self._busy = False
+        self._depth = 0
         self._undo: List[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ what is counted
@@ -91,9 +92,13 @@ class SyncCounter:
 
         @functools.wraps(real)
         def counted(*args, **kwargs):
-            if check is None or check(args, kwargs):
+            if self._depth == 0 and (check is None or check(args, kwargs)):
                 self._record(name, args)
-            return real(*args, **kwargs)
+            self._depth += 1          # a counted call made by another (unique -> unique) is one
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self._depth -= 1
         setattr(owner, name, counted)
         self._undo.append(lambda: setattr(owner, name, real))
 

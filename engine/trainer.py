@@ -150,16 +150,24 @@ def train(cfg) -> dict:
 
 def _train(cfg, stop) -> dict:
     """setup -> resume -> logging -> epochs of optimizer steps -> finish."""
-    run = _setup(cfg)
-    progress = _resume(run)
+    run, progress = prepare_run(cfg)
     logs = _open_logs(run)
     meter = ProgressMeter(progress.total_steps, run.global_batch * run.acc, progress.step)
-    run.student.train()
-    run.head.train()
     finished = False
     while not finished and progress.epoch < cfg.num_epoch and progress.step < progress.total_steps:
         finished = _train_epoch(run, progress, logs, stop, meter)
     return _finish(run, progress, logs, stop, meter)
+
+
+def prepare_run(cfg) -> Tuple["_Run", "_Progress"]:
+    """What ``train`` builds before its first step: the run (``_setup``) and where it starts
+    (``_resume``), student and head in training mode.  bench/gpu_throughput.py times
+    ``train_step`` on it."""
+    run = _setup(cfg)
+    progress = _resume(run)
+    run.student.train()
+    run.head.train()
+    return run, progress
 
 
 @dataclass

@@ -32,6 +32,7 @@ from plugins.builders import build_head, build_teacher_source, check_config, tea
 from engine.lr_schedule import run_schedule
 from engine.run_guard import run_guard
 from engine.run_identity import check_resume, run_identity
+from engine.stop_signal import StopRequest
 from engine.compiled import compile_student
 from engine.step_guard import StepFlags, StepGuard
 from engine.precision import drop_scaled_step, precision_plan, step_scaled, unscale_gradients
@@ -498,7 +499,6 @@ def _after_step(run: _Run, progress: _Progress, logs: _Logs, meter: "ProgressMet
     if logs.verifier is not None and step % cfg.verbose == 0:
         logs.verifier(step, run.student)
     if progress.stopped_by and step < progress.total_steps:
-        from engine.stop_signal import StopRequest
         LOG.warning("%s: saving step %d and stopping", StopRequest.name(progress.stopped_by),
                     step)
         progress.total_steps = step          # saved below, then the run is over

@@ -5,7 +5,11 @@ the sync entry points (tests/sync_counter.py) over 20 steps of every head regist
 plugins/heads, through engine.trainer.train.  The teacher source and the precision are the
 trainer's, not the head's: each head runs one of (online teacher, float16 autocast + GradScaler
 on the CPU) and (teacher cache, fp32), alternating along the registry, AdaDistill and GKD both;
-plus gradient_acc = 2 and two real ranks (gloo)."""
+plus gradient_acc = 2, Partial FC sampling and two real ranks (gloo).
+
+Not covered (a host read each, by design; docs/ARCHITECTURE.md "One host read per step"): GKD's
+adaptive k (gkd_tau: the chosen k sizes a top-k) and Partial FC sampling whose kept-class count
+depends on the labels (int(sample_rate x C / W) < global batch)."""
 import os
 import warnings
 
@@ -82,6 +86,17 @@ def test_every_head_syncs_once_per_step(workdir, cache_dir, name):
 def test_gradient_accumulation_still_syncs_once_per_step(workdir):
     cfg = job_config(workdir, "syncs_acc", distill="adadistill", gradient_acc=2, max_steps=6,
                      num_epoch=100, frequent=FREQUENT, save_every=1000, batch_size=4, **FLOAT16)
+    summary, counter = _counted_run(cfg)
+    _assert_one_per_step(summary, counter, steps=6)
+
+
+@pytest.mark.parametrize("name", ["none", "gkd"])
+def test_partial_fc_sampling_syncs_once_per_step(workdir, name):
+    """sample_rate < 1 whose kept-class count does not depend on the labels (int(0.5 x 16) = 8
+    classes >= a batch of 8): positives marked without counting them, GKD's kept total from the
+    host (plugins.margin.static_sample_count)."""
+    cfg = job_config(workdir, f"syncs_pfc_{name}", distill=name, sample_rate=0.5, max_steps=6,
+                     num_epoch=100, frequent=FREQUENT, save_every=1000)
     summary, counter = _counted_run(cfg)
     _assert_one_per_step(summary, counter, steps=6)
 

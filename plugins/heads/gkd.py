@@ -10,9 +10,9 @@ from typing import Optional
 
 import torch
 
-from ..distributed import rank_and_world
+from ..distributed import rank_and_world, shard_sizes
 from ..gkd import (_check_group, _check_options, _gkd_parts, _Local, _Sharded, kd_warmup_weight)
-from ..margin import check_batch, sharded_cross_entropy
+from ..margin import check_batch, sharded_cross_entropy, static_sample_count
 from .base import configured_teacher_classifier, margin_from_config
 from .registry import register_head
 from .teacher_logits import TeacherLogitsHead
@@ -168,9 +168,14 @@ class GKDHead(TeacherLogitsHead):
         logits = self.margin_logits(student, labels, teacher)
         z_s, z_t, index = logits.student, logits.teacher, logits.index
         num_kept = self.num_classes
-        if index is not None:
-            count = torch.tensor([index.numel()], device=z_s.device)
-            num_kept = int(reduce.sum(count).item())
+        if index is not None:      # every rank's kept count, from the host when it is fixed
+            counts = [static_sample_count(size, self.sample_rate, z_s.shape[0])
+                      for size in shard_sizes(self.num_classes, rank_and_world()[1])]
+            if None in counts:
+                count = torch.tensor([index.numel()], device=z_s.device)
+                num_kept = int(reduce.sum(count).item())
+            else:
+                num_kept = sum(counts)
         self.sampled_index = index
 
         with torch.autocast(device_type=z_s.device.type, enabled=False):

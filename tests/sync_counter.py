@@ -146,6 +146,19 @@ class SyncCounter:
         finally:
             self._stack.pop()
 
+    def watch_loader(self, owner, name: str) -> None:
+        """``owner.name`` (a loader factory such as ``data.dataset.make_loader``) returns its
+        loader wrapped by ``host_loader``; building it is not counted."""
+        real = getattr(owner, name)
+
+        @functools.wraps(real)
+        def made(*args, **kwargs):
+            with self.excluded():
+                loader = real(*args, **kwargs)
+            return self.host_loader(loader)
+        setattr(owner, name, made)
+        self._undo.append(lambda: setattr(owner, name, real))
+
     def host_loader(self, loader):
         """``loader`` wrapped: its batches are made uncounted, and their ``index`` / ``flipped``
         (which stay on the host) are registered with ``host``."""

@@ -47,11 +47,7 @@ def watch_training(counter: SyncCounter, trainer_module, data_module) -> None:
     counter.watch(trainer_module, "_after_step", "step")
     counter.watch(trainer_module.ProgressMeter, "flush", "line")
     counter.watch(trainer_module, "_save_checkpoint", None)
-    real = data_module.make_loader
-    counter.watch(data_module, "make_loader", None)
-    wrapped = getattr(data_module, "make_loader")
-    data_module.make_loader = lambda *a, **k: counter.host_loader(wrapped(*a, **k))
-    counter._undo.append(lambda: setattr(data_module, "make_loader", real))
+    counter.watch_loader(data_module, "make_loader")
 
 
 def _counted_run(cfg):
@@ -99,6 +95,22 @@ def test_partial_fc_sampling_syncs_once_per_step(workdir, name):
                      num_epoch=100, frequent=FREQUENT, save_every=1000)
     summary, counter = _counted_run(cfg)
     _assert_one_per_step(summary, counter, steps=6)
+
+
+def test_an_extra_read_in_the_step_is_counted(workdir, monkeypatch):
+    """The control: a head loss read with .item() (what the trainer did before) makes it 2."""
+    real = trainer.head_loss
+
+    def reading(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        loss.item()
+        return loss
+    monkeypatch.setattr(trainer, "head_loss", reading)
+    cfg = job_config(workdir, "syncs_control", distill="none", max_steps=3, num_epoch=100,
+                     frequent=FREQUENT, save_every=1000)
+    summary, counter = _counted_run(cfg)
+    assert summary["steps"] == 3 and counter.counts["step"] == 2 * 3, counter.report()
+    assert "(reading) item" in counter.report()
 
 
 def _two_rank_counts(rank, world, cfg):

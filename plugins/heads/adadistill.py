@@ -66,7 +66,6 @@ class AdaDistillHead(DistillHead):
 
     sharded_keys = ("centers",)
     journaled_keys = ("centers",)   # rows saved before each update: a skipped step restores them
-    wants_host_labels = True        # the repeated-label rounds' count, without a device read
 
     def __init__(self,
                  embedding_size: int,
@@ -83,6 +82,8 @@ class AdaDistillHead(DistillHead):
         self.own_class_shard(embedding_size, num_classes)
         self.margin, self.s, self.m = margin, float(s), float(m)
         self.alpha, self.sample_rate = alpha, float(sample_rate)
+        # the repeated-label rounds' count from the host labels, without a device read
+        self.wants_host_labels = alpha != "fixed"
         self.register_buffer("centers", torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
         self._centers_loaded = False
         self.register_load_state_dict_post_hook(AdaDistillHead._after_load)

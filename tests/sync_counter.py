@@ -20,9 +20,8 @@ import collections
 import contextlib
 import functools
 import os
-import sys
 import traceback
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List
 
 import torch
 
@@ -197,9 +196,3 @@ def counting() -> Iterator[SyncCounter]:
         yield counter
     finally:
         counter.uninstall()
-        sys.stdout.flush()
-
-
-def per_call(counter: SyncCounter, category: str) -> Tuple[int, int]:
-    """``(syncs, calls)`` of one category."""
-    return counter.counts[category], counter.calls[category]

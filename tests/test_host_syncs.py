@@ -10,7 +10,6 @@ plus gradient_acc = 2, Partial FC sampling and two real ranks (gloo).
 Not covered (a host read each, by design; docs/ARCHITECTURE.md "One host read per step"): GKD's
 adaptive k (gkd_tau: the chosen k sizes a top-k) and Partial FC sampling whose kept-class count
 depends on the labels (int(sample_rate x C / W) < global batch)."""
-import os
 import warnings
 
 import pytest

@@ -115,7 +115,7 @@ def detect_vintage(fork: str) -> Optional[Vintage]:
         return None
     found = _calls_and_imports(script)
     if found.get("forward_backward") or found.get("root_config"):
-        if found.get("root_config") or not os.path.isdir(os.path.join(fork, "configs")):
+        if found.get("root_config"):
             return Vintage("train.py", "2021-03 .. 2021-06",
                            "train.py with config.py at the root, PartialFC v1 forward_backward",
                            False)

@@ -121,7 +121,7 @@ def _transform_steps(transform: Any) -> List[Any]:
 def _transform_problem(transform: Any) -> Optional[str]:
     """Why the dataset's transform cannot be keyed, or None (nothing is changed)."""
     steps = _transform_steps(transform)
-    if steps == [transform] and type(transform).__name__ == "RandomHorizontalFlip":
+    if steps[0] is transform and type(transform).__name__ == "RandomHorizontalFlip":
         return "its transform is a bare RandomHorizontalFlip; wrap it in a Compose"
     for step in steps:
         name = type(step).__name__

@@ -180,3 +180,70 @@ def test_cached_run_gives_the_online_losses_without_the_teacher(recipe_fork):
     assert len(online_record["losses"]) == len(cached_record["losses"]) == 4
     assert cached_record["losses"] == pytest.approx(online_record["losses"], rel=1e-5)
     assert cached_record["lrs"] == online_record["lrs"]
+
+
+# ------------------------------------------------------------------ the pieces, in process
+
+def _sgd(momentum=0.9):
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0, momentum=momentum)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")  # gradient_acc: as upstream
+def test_scheduler_counts_batches_and_resumes_from_a_weights_only_checkpoint(tmp_path):
+    from easydict import EasyDict
+    from plugins.fork_recipe import RecipeLRScheduler, recipe_scheduler
+    schedule = LRSchedule("step", base_lr=0.2, total_steps=12, steps_per_epoch=3,
+                          milestones=(1, 3))
+    opt = _sgd()
+    sched = RecipeLRScheduler(opt, schedule, acc=2)
+    used = []
+    for batch in range(10):                  # the fork steps its scheduler after every batch
+        if batch % 2 == 1:                   # ... and its optimizer after every 2nd
+            used.append(opt.param_groups[0]["lr"])
+            opt.step()
+        sched.step()
+    assert used == [schedule.lr_at(step) for step in range(5)]
+    torch.save(sched.state_dict(), tmp_path / "sched.pt")
+    again = RecipeLRScheduler(_sgd(), schedule, acc=2)
+    again.load_state_dict(torch.load(tmp_path / "sched.pt", weights_only=True))
+    for optimizer in (again.optimizer, opt):
+        optimizer.step()
+    again.step()
+    sched.step()
+    assert again.get_last_lr() == sched.get_last_lr() == [schedule.lr_at(5)]
+    # a fork's own job, and a job that sets no schedule key: the fork's scheduler
+    assert recipe_scheduler(EasyDict(lr_schedule="step"), _sgd()) is None
+    assert recipe_scheduler(EasyDict(distill="adadistill", grad_clip=1.0), _sgd()) is None
+
+
+def test_grad_clipper_uses_the_jobs_clip_or_the_forks():
+    from easydict import EasyDict
+    from plugins.fork_recipe import grad_clipper
+    calls = []
+
+    def fork_clip(parameters, max_norm, norm_type=2.0):
+        calls.append((max_norm, norm_type))
+        return torch.tensor(1.0)
+
+    params = [torch.nn.Parameter(torch.ones(2))]
+    assert grad_clipper(EasyDict(grad_clip=1.0), fork_clip) is fork_clip          # fork's job
+    assert grad_clipper(EasyDict(distill="gkd"), fork_clip) is fork_clip          # key not set
+    grad_clipper(EasyDict(distill="gkd", grad_clip=2.5), fork_clip)(params, 5)
+    grad_clipper(EasyDict(distill="gkd", grad_clip=2.5), fork_clip)(params, max_norm=5,
+                                                                    norm_type=2)
+    assert calls == [(2.5, 2.0), (2.5, 2)]
+    assert grad_clipper(EasyDict(distill="gkd", grad_clip=0.0), fork_clip)(params, 5) is None
+    assert len(calls) == 2                                   # 0: no clipping at all
+
+
+def test_nesterov_needs_momentum():
+    from easydict import EasyDict
+    from plugins.fork_recipe import apply_optimizer_keys
+    opt = _sgd()
+    apply_optimizer_keys(EasyDict(distill="gkd", nesterov=True, momentum=0.8), opt)
+    assert (opt.param_groups[0]["nesterov"], opt.param_groups[0]["momentum"]) == (True, 0.8)
+    with pytest.raises(ValueError, match="config key 'nesterov' = True needs SGD momentum > 0"):
+        apply_optimizer_keys(EasyDict(distill="gkd", nesterov=True, momentum=0.0), _sgd())
+    adam = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    apply_optimizer_keys(EasyDict(distill="gkd", nesterov=True, momentum=0.9), adam)
+    assert "nesterov" not in adam.param_groups[0]          # AdamW: as train_distill.py

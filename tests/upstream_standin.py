@@ -16,8 +16,9 @@ What it keeps from upstream (deepinsight/insightface recognition/arcface_torch, 
   softmax cross-entropy whose gradient is that of the global-batch mean;
 - ``losses.py``: the combined margin, ArcFace applied without gradient (straight-through);
 - ``dataset.py``: ``MXFaceDataset`` over the .rec with the transform ``Compose([ToPILImage,
-  RandomHorizontalFlip, ToTensor, Normalize(0.5, 0.5)])`` (classes of those names written here:
-  no torchvision), a ``DistributedSampler`` seeded by the config, ``drop_last``.
+  RandomHorizontalFlip, ToTensor, Normalize(0.5, 0.5)])`` (classes of those names in
+  tests/upstream_cpu_shim.py: no torchvision), a ``DistributedSampler`` seeded by the config,
+  ``drop_last``.
 
 What differs, for a CPU test: gloo, no ``.cuda()``; the process group is joined only when the
 test harness has not joined one already (upstream always joins, a 1-process group when run
@@ -289,49 +290,12 @@ class PolyScheduler(torch.optim.lr_scheduler.LambdaLR):
 DATASET = '''\
 """Stand-in of dataset.py: MXFaceDataset (img, label) over a .rec with upstream's transform
 (random horizontal flip), a seeded DistributedSampler, drop_last."""
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from data.dataset import FaceRecordDataset
-
-
-class Compose:
-    def __init__(self, transforms):
-        self.transforms = transforms
-
-    def __call__(self, image):
-        for step in self.transforms:
-            image = step(image)
-        return image
-
-
-class ToPILImage:            # the image stays a [H, W, 3] uint8 array here
-    def __call__(self, image):
-        return image
-
-
-class RandomHorizontalFlip:
-    def __init__(self, p=0.5):
-        self.p = p
-
-    def __call__(self, image):
-        return np.ascontiguousarray(image[:, ::-1]) if torch.rand(1) < self.p else image
-
-
-class ToTensor:
-    def __call__(self, image):
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 255
-
-
-class Normalize:
-    def __init__(self, mean, std):
-        self.mean, self.std = mean, std
-
-    def __call__(self, tensor):
-        mean = torch.tensor(self.mean).view(-1, 1, 1)
-        return (tensor - mean) / torch.tensor(self.std).view(-1, 1, 1)
+from tests.upstream_cpu_shim import Compose, Normalize, RandomHorizontalFlip, ToPILImage, ToTensor
 
 
 class MXFaceDataset(Dataset):
@@ -655,15 +619,7 @@ config.weight_decay = 5e-4
 config.batch_size = 128
 config.lr = 0.1  # batch size is 512
 
-if config.dataset == "emore":
-    config.rec = "/train_tmp/faces_emore"
-    config.num_classes = 85742
-    config.num_image = 5822653
-    config.num_epoch = 16
-    config.warmup_epoch = -1
-    config.decay_epoch = [8, 14, ]
-    config.val_targets = ["lfw", ]
-elif config.dataset == "ms1m-retinaface-t1":
+if config.dataset == "ms1m-retinaface-t1":
     config.rec = "/train_tmp/ms1m-retinaface-t1"
     config.num_classes = 93431
     config.num_image = 5179510
@@ -685,33 +641,15 @@ TRAIN_2021_03 = _edit(
      '    parser.add_argument("--network", type=str, default="r50", help="backbone network")\n'
      '    parser.add_argument("--loss", type=str, default="arcface", help="loss function")\n'))
 
-CONFIG_2021_03 = '''\
-from easydict import EasyDict as edict
-
-config = edict()
-config.dataset = "ms1m-retinaface-t1"
-config.embedding_size = 512
-config.sample_rate = 1
-config.fp16 = False
-config.momentum = 0.9
-config.weight_decay = 5e-4
-config.batch_size = 64
-config.lr = 0.1  # batch size is 512
-config.output = "ms1mv3_arcface_r50"
-
-if config.dataset == "ms1m-retinaface-t1":
-    config.rec = "/train_tmp/ms1m-retinaface-t1"
-    config.num_classes = 93431
-    config.num_image = 5179510
-    config.num_epoch = 25
-    config.warmup_epoch = -1
-    config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
-
-    def lr_step_func(epoch):
-        return ((epoch + 1) / (4 + 1)) ** 2 if epoch < -1 else 0.1 ** len(
-            [m for m in [11, 17, 22] if m - 1 <= epoch])
-    config.lr_func = lr_step_func
-'''
+# config.py of 2021-03 .. 2021-06: the same keys without loss / network / resume (command-line
+# arguments then), the per-epoch lr function in the config
+CONFIG_2021_03 = _edit(
+    BASE_2021_07,
+    ('config.loss = "arcface"\nconfig.network = "r50"\nconfig.resume = False\n', ""),
+    ("    config.decay_epoch = [11, 17, 22]\n",
+     "\n    def lr_step_func(epoch):\n"
+     "        return 0.1 ** len([m for m in [11, 17, 22] if m - 1 <= epoch])\n"
+     "    config.lr_func = lr_step_func\n"))
 
 # backbones/__init__.py of 2021-03: one function per network, no get_model yet (2021-06)
 BACKBONES_2021_03 = '''\

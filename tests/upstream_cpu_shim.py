@@ -9,7 +9,8 @@ answer on the CPU, and stands in for the packages a CPU test environment lacks:
 - ``init_process_group("nccl", ...)``: gloo (upstream joins a 1-process group when run alone;
   an already joined group -- a test harness rank -- is kept); DDP without ``device_ids``;
 - ``_LRScheduler(..., verbose=...)``: accepted (upstream's ``PolynomialLRWarmup`` passes it, a
-  TypeError on torch >= 2.7);
+  TypeError on torch >= 2.7); ``np.int`` / ``np.float`` / ``np.bool`` (removed in numpy 1.24);
+  the ONNX export at the end of 2022's ``train.py`` skipped; DataLoader workers forked;
 - ``mxnet`` (reading the .rec: ``recordio.MXIndexedRecordIO``, ``unpack``, ``image.imdecode``)
   through ``plugins/recordio.py`` and our JPEG decoder; ``torchvision`` (``transforms.Compose``,
   ``ToPILImage``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``; ``datasets.ImageFolder``)
@@ -172,11 +173,25 @@ def _torchvision() -> types.ModuleType:
     return vision
 
 
+def _no_export() -> types.ModuleType:
+    """2022's train.py exports model.onnx after the last epoch with upstream's torch2onnx.py
+    (``np.float``; torch's exporter now needs onnxscript): not part of training, skipped."""
+    module = types.ModuleType("torch2onnx")
+    module.convert_onnx = lambda *args, **kwargs: None
+    return module
+
+
 def install() -> None:
     """Apply everything above to this process (call once, before upstream's script runs)."""
     _torch_on_cpu()
+    for name, value in (("int", int), ("float", float), ("bool", bool), ("object", object)):
+        if name not in np.__dict__:   # removed in numpy 1.24 (upstream's eval code uses them)
+            setattr(np, name, value)
+    # DataLoader workers start as on Linux (a test harness child defaults to forkserver, which
+    # would pickle the dataset)
+    torch.multiprocessing.set_start_method("fork", force=True)
     mx, vision = _mxnet(), _torchvision()
     sys.modules.update({"mxnet": mx, "mxnet.ndarray": mx.ndarray, "torchvision": vision,
                         "torchvision.transforms": vision.transforms,
                         "torchvision.datasets": vision.datasets,
-                        "wandb": types.ModuleType("wandb")})
+                        "wandb": types.ModuleType("wandb"), "torch2onnx": _no_export()})

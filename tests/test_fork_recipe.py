@@ -144,9 +144,10 @@ def test_every_rank_reports_the_global_batch_loss(recipe_runs):
 
 # ------------------------------------------------------------------ the teacher cache
 
-def _cached_and_online(fork, root, online, cached):
+def _cached_and_online(fork, root, online, cached, gkd_cached):
     """Build a float32 teacher cache of the job, then train online and from the cache; the
-    cached run must never build or call the teacher."""
+    cached runs (AdaDistill, GKD with the cache's class means) never build or call the
+    teacher."""
     import plugins.teacher
     from engine.teacher_cache_build import build_from_config
     import sys
@@ -163,7 +164,7 @@ def _cached_and_online(fork, root, online, cached):
         plugins.teacher.TeacherHook.teacher_embeddings = refuse
 
     cached_record = run_fork_script(fork, "train_v2.py", cached, before=no_teacher)
-    return online_record, cached_record
+    return online_record, cached_record, run_fork_script(fork, "train_v2.py", gkd_cached)
 
 
 def test_cached_run_gives_the_online_losses_without_the_teacher(recipe_fork):
@@ -174,12 +175,17 @@ def test_cached_run_gives_the_online_losses_without_the_teacher(recipe_fork):
     cached = write_shrunk_job(fork, "ms1mv2_mbf_adadistill", "cache_cached",
                               **dict(base, teacher_cache=os.path.join(root, "cache")),
                               output=os.path.join(root, "out", "cache_cached"))
-    (result,) = run_in_children([(_cached_and_online, fork, root, online, cached)])
+    gkd = write_shrunk_job(fork, "ms1mv2_mbf_gkd", "cache_gkd",   # no classifier: class means
+                           **dict(base, teacher_cache=os.path.join(root, "cache"),
+                                  teacher_classifier=None, warmup_epoch=1),
+                           output=os.path.join(root, "out", "cache_gkd"))
+    (result,) = run_in_children([(_cached_and_online, fork, root, online, cached, gkd)])
     assert "error" not in result, result.get("error")
-    online_record, cached_record = result
+    online_record, cached_record, gkd_record = result
     assert len(online_record["losses"]) == len(cached_record["losses"]) == 4
     assert cached_record["losses"] == pytest.approx(online_record["losses"], rel=1e-5)
     assert cached_record["lrs"] == online_record["lrs"]
+    assert len(gkd_record["losses"]) == 4 and all(0 < v < 1e3 for v in gkd_record["losses"])
 
 
 # ------------------------------------------------------------------ the pieces, in process

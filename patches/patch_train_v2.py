@@ -475,7 +475,7 @@ def _loader_edits(src: _Source, loop: ast.For, outer: ast.For, names: Sequence[s
     tuples = [node for node in ast.walk(loop.target) if isinstance(node, (ast.Tuple, ast.List))
               and all(isinstance(e, ast.Name) for e in node.elts)
               and {e.id for e in node.elts} & set(names)]
-    if not tuples or loop.target.end_lineno != loop.lineno or loop.body[0].lineno == loop.lineno:
+    if not tuples or loop.iter.end_lineno != loop.lineno or loop.body[0].lineno == loop.lineno:
         raise AnchorNotFound(src.filename, "loader",
                              f"line {loop.lineno}: `{src.segment(loop.target)}` does not unpack "
                              f"{' / '.join(names)} as a tuple of names on the loop's header line")

@@ -2,11 +2,12 @@
 
 ``FaceRecordDataset`` reads an arcface_torch training folder (``train.rec``, ``train.idx`` and
 optionally ``property``) and returns ``(image [3, 112, 112], label, index, flipped)``.  The flip of
-item ``i`` in epoch ``e`` comes from ``numpy.random.default_rng([seed, e])``, not from a worker's
-random state, so it is the same in every worker, process and resumed run; the teacher-embedding
-cache relies on this to look embeddings up by ``(index, flipped)``.  With ``pixels="uint8"`` the
-image is the decoded ``[112, 112, 3]`` bytes (mirrored), normalised later on the training device
-by ``data.pixels.normalise_batch`` to the same bits.
+item ``i`` in epoch ``e`` comes from ``numpy.random.default_rng([seed, e])`` (``plugins.flips``, the
+rule a fork's keyed loader shares), not from a worker's random state, so it is the same in every
+worker, process and resumed run; the teacher-embedding cache relies on this to look embeddings up
+by ``(index, flipped)``.  With ``pixels="uint8"`` the image is the decoded ``[112, 112, 3]`` bytes
+(mirrored), normalised later on the training device by ``data.pixels.normalise_batch`` to the same
+bits.
 
 ``ResumableDistributedSampler`` deals one permutation per epoch out as contiguous global batches:
 the batch gathered over ranks is the same for any world size with the same global batch, and a run
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 from data.image_codec import decode_rgb
 from data.pixels import normalise_image
 from plugins.distributed import rank_and_world
+from plugins.flips import flip_flags
 from plugins.recordio import RecordReader, unpack
 
 logger = logging.getLogger(__name__)
@@ -169,9 +171,7 @@ class FaceRecordDataset(Dataset):
     # -- flips -------------------------------------------------------------------------------
     def flip_flags(self, epoch: int) -> np.ndarray:
         """``[N]`` bool: whether item ``i`` is mirrored in ``epoch`` (all False without flip)."""
-        if not self.flip:
-            return np.zeros(len(self), dtype=bool)
-        return np.random.default_rng([self.seed, epoch]).random(len(self)) < 0.5
+        return flip_flags(self.seed, epoch, len(self), self.flip)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the flip decisions of ``epoch`` (call before iterating the loader)."""

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from plugins.atomic_io import atomic_torch_save
 from engine.checkpoint import CheckpointManager
 from plugins.builders import build_head, build_teacher_source, check_config, teacher_class_means
-from engine.lr_schedule import run_schedule
+from plugins.lr_schedule import run_schedule
 from engine.run_guard import run_guard
 from engine.run_identity import check_resume, run_identity
 from engine.stop_signal import StopRequest

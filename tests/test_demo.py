@@ -30,14 +30,13 @@ def test_quick_demo_runs_every_stage_in_parallel_processes(tmp_path, capsys, mon
     # the students' training logs went to their runs and workers.log, not to the console
     printed = capsys.readouterr().out
     assert "Global Step" not in printed and "[demo] GKD seed 1:" in printed
-    assert "CPU capability" in printed and "total wall time" in printed
+    assert "total wall time" in printed
 
     # the tables printed are results.md; results.json holds the rows and the summary
     tables = open(os.path.join(out, "results.md")).read()
     assert tables in printed
     saved = json.load(open(os.path.join(out, "results.json")))
-    assert saved["runs"] == rows and saved["seeds"] == [0, 1]
-    assert saved["environment"]["cpu_capability"]
+    assert saved["runs"] == rows and saved["seeds"] == [0, 1] and saved["isa"] == "avx2"
     summary = saved["summary"]
     alone = summary["runs"]["student alone"]["metrics"]["tar@0.001"]
     ada = summary["runs"]["AdaDistill"]["metrics"]["tar@0.001"]
@@ -53,14 +52,34 @@ def test_quick_demo_runs_every_stage_in_parallel_processes(tmp_path, capsys, mon
            f"({paired['wins']}/{paired['losses']})" in tables
     assert f"| teacher (one run) | {rows[0]['lfw_accuracy']:.2f} |" in tables
 
-    # a run gives the same numbers in this process, alone, as in the pool beside other runs
+    # the runs used the AVX2 kernels (--isa avx2, the default) on a machine that has them
+    import torch
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert {r["cpu_capability"] for r in rows} == {"AVX2"}
+        assert tables.rstrip().splitlines()[-1] == (
+            f"torch {torch.__version__}, kernels AVX2 (--isa avx2), 1 intra-op thread(s) per "
+            f"run, " + ("packages = requirements-lock.txt" if not saved["lock_differences"] else
+                        f"{len(saved['lock_differences'])} package difference(s) from "
+                        f"requirements-lock.txt"))
+    assert "ATEN_CPU_CAPABILITY" not in os.environ      # the pins stayed in the workers
+
+    # a run gives the same numbers alone as in the pool beside other runs
     job = {"run": "AdaDistill", "config": "demo_adadistill", "seed": 1, "root": out,
            "quick": True, "threads": 1}
-    again = demo.run_job(job)
+    again, = demo.run_all([job], 1, str(tmp_path / "again.log"), demo.ISA_PINS["avx2"])
     before = next(r for r in rows if r["run"] == "AdaDistill" and r["seed"] == 1)
-    for key in demo.METRICS:
+    for key in list(demo.METRICS) + ["loss", "cpu_capability"]:
         assert again[key] == before[key]
-    assert again["loss"] == before["loss"]
+
+
+def test_pinned_environment_sets_and_restores(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    with demo.pinned_environment({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}):
+        assert os.environ["ATEN_CPU_CAPABILITY"] == "avx2"
+        assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert "ATEN_CPU_CAPABILITY" not in os.environ
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
 
 
 def test_demo_refuses_one_seed():

@@ -4,7 +4,7 @@ LFW (10-fold accuracy) and on a synthetic IJB-C folder (TAR@FAR 1e-4 / 1e-3 / 1e
 unseen in training, and each distilled student's difference to the student alone of the same
 seed (mean +- std over the seeds).
 
-    python -m tools.demo [--seeds 0,1,2] [--jobs N] [--quick] [--output DIR]
+    python -m tools.demo [--seeds 0,1,2] [--jobs N] [--isa avx2|native] [--quick] [--output DIR]
 
 The runs are the job configs configs/demo_{teacher,student,adadistill,gkd}.py: the teacher once
 (its seed), each student once per seed (``--seeds``), in ``--jobs`` processes side by side
@@ -13,25 +13,27 @@ after the teacher.  Everything lands in work_dirs/demo/ (``--output``): data, on
 (``<run>/seed_<k>/`` for the students), ``results.json`` and ``results.md`` (the tables as
 printed, to paste into README).  --quick shrinks everything, for tests.
 
-Determinism: the printed metrics are the same on every run of the same command on the same
-machine and software (the packages of requirements-lock.txt, which the demo checks and reports;
-the CPU's instruction set, which it prints).  What that needs, and what the demo pins: ONE
-intra-op thread per run (``--threads``; torch reduces in another order with another thread
-count), each run in its own process so that ``--jobs`` only changes the wall time, no
-DataLoader workers, the seeds of the configs and of ``--seeds``, and the synthetic data's
-generator seed.  Timings are printed but are not part of that promise.
+Determinism: the printed metrics are the same on every run of the same command with the same
+packages (requirements-lock.txt; the demo says when the installed ones differ) on any x86-64 CPU
+with AVX2 that runs the same kernels (checked on one machine, AVX2 and AVX-512; README).  What that
+needs, and what the demo pins: ONE intra-op thread per run (``--threads``; torch reduces in
+another order with another thread count), the AVX2 kernels in torch, oneDNN and MKL (``--isa``,
+``ISA_PINS``; AVX-512 kernels give other numbers), each run in its own process so that ``--jobs``
+only changes the wall time, no DataLoader workers, the seeds of the configs and of ``--seeds``,
+and the synthetic data's generator seed.  Timings are printed but are not part of that promise.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import os
 import resource
 import sys
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER, BASELINE = "teacher", "student alone"
@@ -48,6 +50,14 @@ IJB_QUICK = {"num_ids": 6, "templates_per_id": 2, "medias_per_template": 1,
              "images_per_media": 1, "impostor_ratio": 10}
 QUICK = {"num_classes": 20, "num_image": 200, "max_steps": 4, "batch_size": 16, "gkd_k": 5}
 PATH_KEYS = ("output", "rec", "teacher_checkpoint", "teacher_classifier", "teacher_cache")
+# The instruction set of the runs' kernels, pinned like the thread count: torch's own kernels
+# (ATen), oneDNN's convolutions and MKL's matrix products each take the widest the CPU offers,
+# and AVX-512 kernels sum in another order than AVX2 ones (README: several points of TAR@FAR).
+# "avx2" (the default) runs the AVX2 kernels on AVX2 and AVX-512 machines alike; "native" leaves
+# the choice to each library.
+ISA_PINS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                     "MKL_CBWR": "AVX2"},
+            "native": {}}
 
 
 def make_data(cfg, images_per_id: int, pairs: int, ijb: Dict[str, int], workers: int) -> None:
@@ -95,6 +105,8 @@ def run_job(job: Mapping[str, Any]) -> Dict[str, Any]:
     from tools.kd_bench_jobs import ijb_tar_at_far, load_trained, pin_process
 
     pin_process(job["threads"])
+    import torch
+
     from engine.trainer import train
     from eval.ijb import far_key
 
@@ -115,6 +127,7 @@ def run_job(job: Mapping[str, Any]) -> Dict[str, Any]:
             "distill": cfg.distill, "lfw_accuracy": accuracy, "lfw_std": std,
             **{f"tar@{far_key(f)}": ijb[f"tar@{far_key(f)}"] for f in FARS},
             "loss": summary["loss"], "steps": summary["steps"], "output": cfg.output,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "seconds": round(time.time() - start, 1),
             "cpu_seconds": round(_cpu_seconds() - cpu0, 1)}
 
@@ -136,34 +149,45 @@ def _quiet_worker(log_path: str) -> None:
     sys.stderr = open(2, "w", buffering=1, closefd=False)
 
 
-def run_all(jobs: Sequence[Mapping[str, Any]], workers: int, log_path: str
-            ) -> List[Dict[str, Any]]:
-    """Run the teacher job and every student job; the distilled students start when the teacher
-    is done, the students alone beside it.  ``workers`` 1 runs them one after the other in this
-    process; more runs them in that many fresh (spawn) processes, whose console output goes to
-    ``log_path``."""
+@contextlib.contextmanager
+def pinned_environment(pins: Mapping[str, str]) -> Iterator[None]:
+    """Set the environment variables ``pins`` while the block runs (the processes started in it
+    inherit them), then put back what was there."""
+    saved = {key: os.environ.get(key) for key in pins}
+    os.environ.update(pins)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_all(jobs: Sequence[Mapping[str, Any]], workers: int, log_path: str,
+            pins: Mapping[str, str]) -> List[Dict[str, Any]]:
+    """Run ``jobs`` in ``workers`` fresh (spawn) processes started with the environment
+    variables ``pins`` (the instruction set, ``ISA_PINS``) and their console output in
+    ``log_path``: the teacher first, the students alone beside it, the distilled students once
+    the teacher is done.  Returns the rows in the order they finished."""
     def report(row: Mapping[str, Any]) -> None:
         print(f"[demo] {row['run']}{'' if row['run'] == TEACHER else ' seed %d' % row['seed']}: "
               + ", ".join(f"{title} {row[key]:.2f}" for key, title in METRICS.items())
               + f" ({row['seconds']:.0f} s)", flush=True)
 
     teacher = [j for j in jobs if j["run"] == TEACHER]
-    alone = [j for j in jobs if j["run"] == BASELINE]
-    distilled = [j for j in jobs if j["run"] not in (TEACHER, BASELINE)]
+    first = teacher + [j for j in jobs if j["run"] == BASELINE]
+    later = [j for j in jobs if j not in first]
     rows = []
-    if workers == 1:
-        for job in teacher + alone + distilled:
-            rows.append(run_job(job))
-            report(rows[-1])
-        return rows
-    with concurrent.futures.ProcessPoolExecutor(
+    with pinned_environment(pins), concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_quiet_worker, initargs=(log_path,)) as pool:
-        teacher_future = pool.submit(run_job, teacher[0])
-        futures = [pool.submit(run_job, job) for job in alone]
-        rows.append(teacher_future.result())
-        report(rows[-1])
-        futures += [pool.submit(run_job, job) for job in distilled]
+        futures = [pool.submit(run_job, job) for job in (first if teacher else first + later)]
+        if teacher:
+            rows.append(futures.pop(0).result())
+            report(rows[-1])
+            futures += [pool.submit(run_job, job) for job in later]
         for future in concurrent.futures.as_completed(futures):
             rows.append(future.result())
             report(rows[-1])
@@ -230,19 +254,26 @@ def markdown(summary: Mapping[str, Any], seeds: Sequence[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def environment_note() -> Dict[str, Any]:
-    """What the numbers depend on beyond the code: torch build, CPU instruction set torch
-    dispatches to, and whether the installed packages are requirements-lock.txt."""
-    import torch
-
+def lock_differences() -> List[str]:
+    """The differences between the installed packages and requirements-lock.txt (tools.lock)."""
     from tools.lock import LOCK_FILE, drift_report
 
     try:
-        drift = drift_report(os.path.join(REPO, LOCK_FILE))
+        return drift_report(os.path.join(REPO, LOCK_FILE))
     except (OSError, ValueError) as err:
-        drift = [f"cannot read the lock: {err}"]
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "lock_differences": drift}
+        return [f"cannot read the lock: {err}"]
+
+
+def conditions(rows: Sequence[Mapping[str, Any]], isa: str, threads: int, drift: Sequence[str]
+               ) -> str:
+    """The line under the tables saying what the numbers were made with."""
+    import torch
+
+    capabilities = sorted({str(r["cpu_capability"]) for r in rows})
+    packages = ("packages = requirements-lock.txt" if not drift else
+                f"{len(drift)} package difference(s) from requirements-lock.txt")
+    return (f"torch {torch.__version__}, kernels {'/'.join(capabilities)} (--isa {isa}), "
+            f"{threads} intra-op thread(s) per run, {packages}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
@@ -256,6 +287,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                              "on it; default: one per core)")
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads per run (the numbers depend on it; README's: 1)")
+    parser.add_argument("--isa", choices=sorted(ISA_PINS), default="avx2",
+                        help="instruction set of the kernels (the numbers depend on it; "
+                             "README's: avx2)")
     args = parser.parse_args(argv)
     try:
         seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
@@ -265,17 +299,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         parser.error("--seeds needs at least 2 seeds (the spread over seeds is the point)")
     if args.threads < 1 or args.jobs < 1:
         parser.error("--threads and --jobs must be >= 1")
-    from tools.kd_bench_jobs import pin_process
-    pin_process(args.threads)
 
     start = time.time()
     root = args.output or ("work_dirs/demo_quick" if args.quick else "work_dirs/demo")
-    env = environment_note()
-    print(f"[demo] torch {env['torch']}, CPU capability {env['cpu_capability']}; "
-          + ("installed packages match requirements-lock.txt" if not env["lock_differences"]
-             else "WARNING: the installed packages differ from requirements-lock.txt (README's "
-                  "numbers were made with the lock):\n  " + "\n  ".join(env["lock_differences"])),
-          flush=True)
+    drift = lock_differences()
+    print("[demo] installed packages match requirements-lock.txt" if not drift else
+          "[demo] WARNING: the installed packages differ from requirements-lock.txt (README's "
+          "numbers were made with the lock):\n  " + "\n  ".join(drift), flush=True)
     jobs = [{"run": run, "config": name, "seed": None, "root": root, "quick": args.quick,
              "threads": args.threads} for run, name in RUNS[:1]]
     jobs += [{"run": run, "config": name, "seed": seed, "root": root, "quick": args.quick,
@@ -286,24 +316,29 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     workers = min(args.jobs, len(jobs))
     log_path = os.path.join(root, "workers.log")
     print(f"[demo] {len(jobs)} runs (the teacher, {len(RUNS) - 1} students x {len(seeds)} "
-          f"seeds), {workers} side by side, {args.threads} intra-op thread(s) each"
-          + (f"; their output in {log_path} and each run's training.log" if workers > 1 else ""),
-          flush=True)
+          f"seeds), {workers} side by side, {args.threads} intra-op thread(s) and {args.isa} "
+          f"kernels each; their output in {log_path} and each run's training.log", flush=True)
 
-    rows = run_all(jobs, workers, log_path)
+    rows = run_all(jobs, workers, log_path, ISA_PINS[args.isa])
     order = {run: i for i, (run, _) in enumerate(RUNS)}
     rows.sort(key=lambda r: (order[r["run"]], r["seed"] if r["seed"] is not None else -1))
+    if args.isa == "avx2" and any(r["cpu_capability"] != "AVX2" for r in rows):
+        print(f"[demo] WARNING: this CPU has no AVX2 (torch ran {rows[0]['cpu_capability']} "
+              f"kernels): the numbers differ from README's", flush=True)
     summary = summarize(rows)
-    tables = markdown(summary, seeds)
+    tables = markdown(summary, seeds) + "\n" + conditions(rows, args.isa, args.threads, drift) \
+        + "\n"
     wall = time.time() - start
-    print(f"\n{tables}\n[demo] total wall time {wall:.0f} s ({sum(r['cpu_seconds'] for r in rows):.0f}"
-          f" CPU-s in the runs); tables in {root}/results.md", flush=True)
+    print(f"\n{tables}\n[demo] total wall time {wall:.0f} s "
+          f"({sum(r['cpu_seconds'] for r in rows):.0f} CPU-s in the runs); tables in "
+          f"{root}/results.md", flush=True)
     from plugins.atomic_io import save_text
     save_text(os.path.join(root, "results.md"), tables)
     save_text(os.path.join(root, "results.json"), json.dumps(
         {"command": " ".join(["python -m tools.demo"] + list(argv if argv is not None
                                                                else sys.argv[1:])),
-         "environment": env, "seeds": seeds, "jobs": args.jobs, "threads": args.threads,
+         "lock_differences": drift, "isa": args.isa, "pins": ISA_PINS[args.isa],
+         "seeds": seeds, "jobs": args.jobs, "threads": args.threads,
          "wall_seconds": round(wall, 1), "runs": rows, "summary": summary}, indent=1))
     return rows
 

@@ -100,8 +100,9 @@ def job_config(job: Mapping[str, Any]):
 
 
 def run_job(job: Mapping[str, Any]) -> Dict[str, Any]:
-    """Train one run (the teacher also builds its embedding cache), evaluate it; return its row:
-    metrics in percent, loss, steps, wall and CPU seconds."""
+    """Train one run (the teacher also builds its embedding cache, replacing one of an earlier
+    teacher), evaluate it; return its row: metrics in percent, loss, steps, the kernels torch
+    ran (``cpu_capability``), wall and CPU seconds."""
     from tools.kd_bench_jobs import ijb_tar_at_far, load_trained, pin_process
 
     pin_process(job["threads"])
@@ -119,7 +120,7 @@ def run_job(job: Mapping[str, Any]) -> Dict[str, Any]:
                                teacher_embedding_size=cfg.embedding_size,
                                teacher_checkpoint=os.path.join(cfg.output, "model.pt"),
                                teacher_cache=os.path.join(cfg.output, "embedding_cache"),
-                               teacher_fp16=False), dtype="float32")
+                               teacher_fp16=False), overwrite=True, dtype="float32")
     accuracy, std, _ = summary["verification"]["lfw"]
     ijb = ijb_tar_at_far(load_trained(cfg.network, cfg.embedding_size, cfg.output),
                          os.path.join(cfg.rec, "IJBC"), "IJBC", FARS)

@@ -5,6 +5,7 @@ the lock is in force -- `make test` and CI set KDFACE_REQUIRE_LOCK=1 -- and skip
 reason) elsewhere: a GPU user's environment comes from the open requirements.txt and differs
 from the lock by design (another torch build at least), which must not fail their `pytest`.
 """
+import importlib.metadata
 import os
 import re
 import shutil
@@ -26,6 +27,20 @@ def test_installed_packages_match_the_lock():
     drift = lock.drift_report(LOCK_PATH)
     assert not drift, (f"{len(drift)} difference(s) between the installed packages and "
                        f"{lock.LOCK_FILE}:\n  " + "\n  ".join(drift) + f"\nfix: {lock.FIX}")
+
+
+def test_installed_packages_ignore_what_setuptools_vendors(monkeypatch, tmp_path):
+    """A folder of dist-infos on sys.path (setuptools puts its ``_vendor`` there on import) is not
+    an installed package; only site-packages is read, as pip freeze does."""
+    vendored = tmp_path / "_vendor" / "autocommand-2.2.2.dist-info"
+    vendored.mkdir(parents=True)
+    (vendored / "METADATA").write_text("Metadata-Version: 2.1\nName: autocommand\n"
+                                       "Version: 2.2.2\n")
+    before = lock.installed_packages()
+    monkeypatch.syspath_prepend(str(tmp_path / "_vendor"))
+    assert "autocommand" in {d.metadata["Name"] for d in importlib.metadata.distributions()}
+    assert lock.installed_packages() == before
+    assert "torch" in before and "numpy" in before
 
 
 def test_differences_lists_each_kind_with_normalized_names():

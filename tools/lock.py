@@ -23,6 +23,7 @@ import platform
 import re
 import subprocess
 import sys
+import sysconfig
 from importlib import metadata
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -89,10 +90,14 @@ def read_lock(path: str = LOCK_FILE) -> Tuple[Dict[str, str], Dict[str, str]]:
 
 
 def installed_packages() -> Dict[str, str]:
-    """Normalized name -> version of every distribution the running interpreter can import
-    (first on ``sys.path`` wins, as for imports)."""
+    """Normalized name -> version of every distribution installed in the running interpreter's
+    site-packages (``pip freeze``'s view; first directory wins).  Only the install directories
+    are read, not all of ``sys.path``: importing setuptools puts its ``_vendor`` folder, with the
+    dist-info of the packages it bundles, on ``sys.path``, and those are not installed."""
+    paths = sysconfig.get_paths()
+    folders = list(dict.fromkeys([paths["purelib"], paths["platlib"]]))
     found: Dict[str, str] = {}
-    for dist in metadata.distributions():
+    for dist in metadata.distributions(path=folders):
         name = dist.metadata["Name"]
         if name:
             found.setdefault(normalize(name), dist.version)

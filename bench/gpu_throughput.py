@@ -67,6 +67,7 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from plugins.atomic_io import save_text  # noqa: E402
 
 ROWS = {"alone": ("none", ""), "adadistill-online": ("adadistill", "online"),
         "adadistill-cached": ("adadistill", "cached"), "gkd-online": ("gkd", "online"),
@@ -388,11 +389,13 @@ def run_bench(args, scale: Scale, device: torch.device, plan: List[Setting],
             steps = args.warmup if round_index == 0 else args.steps
             for setting in group:
                 ups = upstream[(setting.teacher, setting.precision, setting.compile)]
-                columns = {"a": lambda i, u=ups: u(batches[i % len(batches)]),
-                           "b": ours[setting].step(batches),
-                           "c": ours[setting].loader_window(steps)}
-                for column, step in columns.items():
-                    value = images_per_second(step, steps, scale.batch, device)
+                # each column's step made right before it is timed: a loader iterator made
+                # earlier would fill its workers' queue while (a) and (b) run
+                columns = {"a": lambda u=ups: (lambda i: u(batches[i % len(batches)])),
+                           "b": lambda o=ours[setting]: o.step(batches),
+                           "c": lambda o=ours[setting]: o.loader_window(steps)}
+                for column, make_step in columns.items():
+                    value = images_per_second(make_step(), steps, scale.batch, device)
                     if round_index:
                         table.add((setting.tag, column), value)
             print(f"  {'compiled' if group[0].compile != 'off' else 'plain'} settings: round "
@@ -622,10 +625,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         text = markdown(result, upstream_runs)
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out + ".md", "w") as handle:
-                handle.write(text + "\n")
-            with open(args.out + ".json", "w") as handle:
-                json.dump(dict(result, upstream_train_v2=upstream_runs), handle, indent=1)
+            # atomic: gpu_check.sh's time limit may kill the bench while it writes
+            save_text(args.out + ".md", text + "\n")
+            save_text(args.out + ".json",
+                      json.dumps(dict(result, upstream_train_v2=upstream_runs), indent=1))
         return text
 
     result = run_bench(args, scale, device, plan, on_round=lambda r: write(r, {}))

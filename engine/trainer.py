@@ -77,17 +77,20 @@ class ProgressMeter:
         global_batch: samples per optimizer step (for the speed).
         start_step: the step the run (or its resume) starts from.
         max_pending: steps kept on the device at most; more are read early (bounded memory when
-            ``frequent`` is large).
+            ``frequent`` is large; their losses still reach the next ``flush``).
+        keep_lines: keep the read steps for ``line`` (the rank that logs); False on the other
+            ranks, which read the same steps (their losses) but never print a line.
     """
 
     def __init__(self, total_steps: int, global_batch: int, start_step: int,
-                 max_pending: int = 1000) -> None:
+                 max_pending: int = 1000, keep_lines: bool = True) -> None:
         self.total_steps, self.global_batch = total_steps, global_batch
         self.start_step, self.t0 = start_step, time.time()
         self.last_time, self.last_step = self.t0, start_step
-        self.max_pending = max_pending
+        self.max_pending, self.keep_lines = max_pending, keep_lines
         self.pending: List[Tuple[Tuple[str, ...], torch.Tensor]] = []
         self.read: List[Dict[str, float]] = []        # read, not yet averaged into a line
+        self.losses: List[float] = []                 # read, not yet returned by flush
 
     def add(self, loss: torch.Tensor, stats: Dict[str, torch.Tensor]) -> None:
         """Record one optimizer step: its loss and the head's ``stats`` (0-d tensors), stacked
@@ -98,25 +101,34 @@ class ProgressMeter:
             for v in stats.values()]
         self.pending.append((("loss",) + tuple(stats), torch.stack(values)))
         if len(self.pending) >= self.max_pending:
-            self.flush()
+            self._read_pending()
 
-    def flush(self, extra: Optional[torch.Tensor] = None) -> Tuple[List[float], Optional[float]]:
-        """Read the pending steps (one host read) and keep them for the next ``line``.  Returns
-        their losses in step order and the value of ``extra`` (a 0-d tensor read with them,
-        e.g. the loss scale), or None."""
+    def _read_pending(self, extra: Optional[torch.Tensor] = None) -> Optional[float]:
+        """One host read of the pending steps (and of ``extra``): their losses join
+        ``self.losses``, their values ``self.read`` (when ``keep_lines``)."""
         tensors = [row for _, row in self.pending]
         if extra is not None:
             tensors.append(extra.detach().reshape(1).to(tensors[0].device if tensors else
                                                         extra.device, torch.float64))
         values = torch.cat(tensors).tolist() if tensors else []
-        losses, at = [], 0
+        at = 0
         for names, row in self.pending:
             step = dict(zip(names, values[at:at + len(names)]))
             at += len(names)
-            self.read.append(step)
-            losses.append(step["loss"])
+            if self.keep_lines:
+                self.read.append(step)
+            self.losses.append(step["loss"])
         self.pending = []
-        return losses, (values[-1] if extra is not None else None)
+        return values[-1] if extra is not None else None
+
+    def flush(self, extra: Optional[torch.Tensor] = None) -> Tuple[List[float], Optional[float]]:
+        """Read the pending steps (one host read) and keep them for the next ``line``.  Returns
+        the losses of every step read since the last flush, in step order (early reads
+        included), and the value of ``extra`` (a 0-d tensor read with them, e.g. the loss
+        scale), or None."""
+        value = self._read_pending(extra)
+        losses, self.losses = self.losses, []
+        return losses, value
 
     def line(self, step: int, epoch: int, lr: float, scale: Optional[float]) -> tuple:
         """The progress line of the steps read since the last line (call ``flush`` first)."""
@@ -153,7 +165,8 @@ def _train(cfg, stop) -> dict:
     """setup -> resume -> logging -> epochs of optimizer steps -> finish."""
     run, progress = prepare_run(cfg)
     logs = _open_logs(run)
-    meter = ProgressMeter(progress.total_steps, run.global_batch * run.acc, progress.step)
+    meter = ProgressMeter(progress.total_steps, run.global_batch * run.acc, progress.step,
+                          keep_lines=run.rank == 0)
     finished = False
     while not finished and progress.epoch < cfg.num_epoch and progress.step < progress.total_steps:
         finished = _train_epoch(run, progress, logs, stop, meter)

@@ -128,21 +128,23 @@ def detect_vintage(fork: str) -> Optional[Vintage]:
 
 
 def check_target(fork: str) -> None:
-    """Raise NotArcfaceTorch unless ``fork`` has a training script (``train_v2.py`` or
-    ``train.py``) or the layout (``backbones/`` with ``configs/`` or a root ``config.py``), and
+    """Raise NotArcfaceTorch unless ``fork`` has a training script (``train_v2.py``, or a
+    ``train.py`` of a known vintage) or the layout (``backbones/`` with ``configs/`` or a root ``config.py``), and
     is not this toolkit itself."""
     if not os.path.isdir(fork):
         raise NotArcfaceTorch(f"{fork}: not a folder; pass your fork's "
                               f"insightface/recognition/arcface_torch folder")
     if os.path.realpath(fork) == os.path.realpath(REPO_ROOT):
         raise NotArcfaceTorch(f"{fork} is this toolkit itself; pass your fork's folder")
-    has_script = any(os.path.isfile(os.path.join(fork, s)) for s in ("train_v2.py", "train.py"))
+    # train.py is a common name: it counts only when it is an arcface_torch train.py we know
+    has_script = detect_vintage(fork) is not None
     has_layout = os.path.isdir(os.path.join(fork, "backbones")) and (
         os.path.isdir(os.path.join(fork, "configs")) or
         os.path.isfile(os.path.join(fork, "config.py")))
     if not (has_script or has_layout):
         raise NotArcfaceTorch(
-            f"{fork} does not look like arcface_torch: it has neither train_v2.py / train.py nor "
+            f"{fork} does not look like arcface_torch: it has neither train_v2.py / an "
+            f"arcface_torch train.py nor "
             f"backbones/ with configs/ (or config.py); pass the "
             f"insightface/recognition/arcface_torch folder of your fork")
 
@@ -261,7 +263,7 @@ def plan(fork: str, plugins_only: bool = False) -> List[Item]:
 
 def _copy(rel: str, fork: str, text: Optional[str] = None) -> None:
     """Copy one file (or write ``text``) atomically (temporary name in the target folder, then
-    rename)."""
+    rename); a copy keeps the source's mode, a written file gets the umask's."""
     target = os.path.join(fork, rel)
     os.makedirs(os.path.dirname(target) or fork, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=".kdface_", suffix=".tmp",
@@ -273,6 +275,9 @@ def _copy(rel: str, fork: str, text: Optional[str] = None) -> None:
         else:
             with open(tmp, "w", encoding="utf-8") as out:
                 out.write(text)
+            umask = os.umask(0)          # mkstemp made it 0600: give it what open() would
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

@@ -41,6 +41,7 @@ NOT_HONOURED: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "amp_dtype": ("the fork's fp16 (the student trunk under float16 autocast on GPUs, bfloat16 "
                   "on a CPU)", lambda v: v == "auto"),
     "channels_last": ("the fork's memory format (contiguous)", lambda v: v is False),
+    "compile": ("the fork's eager student (no torch.compile)", lambda v: v is False),
 }
 # the fork's PartialFC_V2 (distill = "none") builds its margin with its own scale (upstream: 64)
 FORK_MARGIN_SCALE = 64.0

@@ -236,6 +236,7 @@ def test_a_job_without_distill_is_not_touched():
     ("skip_bad_records", True, "a bad record fails"),
     ("amp_dtype", "bfloat16", "float16 autocast on GPUs"),
     ("channels_last", True, "memory format"),
+    ("compile", "reduce-overhead", "eager student"),
     ("margin_scale", 32.0, "PartialFC_V2 margin scale"),
 ])
 def test_each_key_the_loop_ignores_is_warned_by_name(caplog, key, value, says):
@@ -255,7 +256,7 @@ def test_each_key_the_loop_ignores_is_warned_by_name(caplog, key, value, says):
     ("lr_schedule", "cosine"), ("nesterov", True), ("grad_clip", 0.0), ("lr_reference_batch", 512),
     ("flip", False), ("teacher_cache_force", True), ("max_steps", None),
     ("skip_bad_records", False), ("amp_dtype", "auto"), ("channels_last", False),
-    ("margin_scale", 64.0)])
+    ("compile", False), ("margin_scale", 64.0)])
 def test_honoured_keys_and_values_the_loop_gives_anyway_are_not_warned(caplog, key, value):
     from plugins.fork_loop import prepare_fork_config
     with caplog.at_level(logging.WARNING, logger="kdface.fork_loop"):

@@ -167,3 +167,42 @@ def test_the_counter_sees_each_kind_of_sync_and_not_host_tensors():
         Owner.work()                        # are exempt, new tensors made from it are not
         assert counter.counts["work"] == 14 + 4, counter.report()
     assert "test_host_syncs.py" in counter.report()
+
+
+def test_progress_meter_keeps_early_read_losses_and_no_lines_off_the_logging_rank():
+    """Steps read early (``max_pending``) still reach the next flush's losses, in order; a rank
+    that never prints a line (``keep_lines=False``) keeps nothing between flushes."""
+    for keep in (True, False):
+        meter = trainer.ProgressMeter(100, 8, 0, max_pending=2, keep_lines=keep)
+        for i in range(5):
+            meter.add(torch.tensor(float(i)), {"mean_alpha": torch.tensor(0.5)})
+        losses, scale = meter.flush(torch.tensor(4.0))
+        assert losses == [0.0, 1.0, 2.0, 3.0, 4.0] and scale == 4.0
+        assert meter.flush()[0] == []
+        assert len(meter.read) == (5 if keep else 0)
+        if keep:
+            _, _, means = meter.line(5, 0, 0.1, None)
+            assert means == {"loss": 2.0, "mean_alpha": 0.5} and meter.read == []
+
+
+def test_journal_of_a_head_owning_no_rows_keeps_nothing():
+    """A rank that owns no classes (num_classes < world size) has a [0, D] centre table: its
+    journal records nothing (row 0 does not exist) and the rollback is a no-op."""
+    from plugins.heads.base import DistillHead
+
+    class Owning(DistillHead):
+        journaled_keys = ("centers",)
+
+        def __init__(self, rows):
+            super().__init__()
+            self.register_buffer("centers", torch.ones(rows, 4))
+
+    for rows in (0, 3):
+        head = Owning(rows)
+        head.begin_journal()
+        head.journal_rows("centers", torch.zeros(2, dtype=torch.long))
+        assert len(head.journaled_rows()) == (1 if rows else 0)
+        if rows:
+            head.centers[0] = 5.0
+        head.rollback_journal()
+        assert torch.equal(head.centers, torch.ones(rows, 4))

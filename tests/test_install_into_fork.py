@@ -12,11 +12,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import re
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -188,6 +188,10 @@ def test_install_copies_everything_and_keeps_the_forks_files(tmp_path):
     assert "copied     configs/kdface_base.py (base keys of ours the fork's configs/base.py " \
         "lacks: dali_aug, suffix_run_name, wandb_entity, wandb_project, wandb_log_all, " \
         "save_artifacts, wandb_resume, notes; train_distill.py merges them" in report
+    umask = os.umask(0)
+    os.umask(umask)                                  # the written file: the umask's mode
+    assert stat.S_IMODE(os.stat(os.path.join(fork, "configs", "kdface_base.py")).st_mode) == \
+        0o666 & ~umask
     assert before["configs/base.py"] == after["configs/base.py"]
     assert "fork: no train_v2.py / train.py recognised; train with train_distill.py" in report
     if os.path.isfile(os.path.join(REPO, "eval", "verification.py")):
@@ -236,8 +240,12 @@ def test_essential_collision_refuses_and_writes_nothing(tmp_path):
 
 def test_target_must_look_like_arcface_torch(tmp_path, capsys):
     assert installer.main([str(tmp_path)]) == 2
-    assert "does not look like arcface_torch: it has neither train_v2.py / train.py nor " \
-           "backbones/ with configs/ (or config.py)" in capsys.readouterr().err
+    assert "does not look like arcface_torch: it has neither train_v2.py / an arcface_torch " \
+           "train.py nor backbones/ with configs/ (or config.py)" in capsys.readouterr().err
+    (tmp_path / "train.py").write_text("import torch\nprint('another project')\n")
+    assert installer.main([str(tmp_path)]) == 2        # a train.py of another project
+    assert "does not look like arcface_torch" in capsys.readouterr().err
+    (tmp_path / "train.py").unlink()
     assert installer.main([str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
     assert installer.main([REPO]) == 2

@@ -9,7 +9,6 @@ stand-ins of the fork's own.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess

@@ -278,12 +278,13 @@ def conditions(rows: Sequence[Mapping[str, Any]], isa: str, threads: int, drift:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    from engine.runtime import available_cpus
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     parser.add_argument("--output", default=None, help="work folder (default work_dirs/demo)")
     parser.add_argument("--seeds", default=",".join(str(s) for s in SEEDS),
                         help="comma-separated seeds of the students (README's: 0,1,2)")
-    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--jobs", type=int, default=available_cpus(),
                         help="runs side by side, one process each (the numbers do not depend "
                              "on it; default: one per core)")
     parser.add_argument("--threads", type=int, default=1,

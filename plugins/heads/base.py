@@ -60,8 +60,9 @@ class DistillHead(nn.Module):
     def journal_rows(self, name: str, rows: torch.Tensor) -> None:
         """Call just before changing rows ``rows [n]`` (long, repeats allowed) of the
         ``journaled_keys`` buffer ``name``: keeps their current values while a journal is open."""
-        if self._journal is not None:
-            self._journal.append((name, rows, self.get_buffer(name).index_select(0, rows)))
+        buffer = self.get_buffer(name)
+        if self._journal is not None and buffer.shape[0] > 0:   # a rank owning no rows: none
+            self._journal.append((name, rows, buffer.index_select(0, rows)))
 
     def journaled_rows(self) -> List[Tuple[str, torch.Tensor]]:
         """``(buffer name, rows)`` changed since ``begin_journal`` (for the finite check)."""

@@ -252,7 +252,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     checks = convergence_checks(summary, curve, {m.name: m.doubles for m in methods
                                                  if m.doubles and m.doubles in order},
                                 **task["checks"])
-    tables = "\n".join(checks_table(checks)) + "\n\n" + markdown_tables(summary)
+    verdicts = kd_bench.claim_verdicts(summary)
+    tables = "\n".join(checks_table(checks) + [""] + kd_bench.claims_table(verdicts)) + \
+        "\n\n" + markdown_tables(summary)
     wall = time.time() - start
     payload = {"command": " ".join(["python", "bench/kd_quality.py"] + args.argv),
                "regime": task["regime"], "device": device, "task": task,
@@ -260,6 +262,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                             "baseline": m.baseline, "run_config": student_config(task, m)}
                            for m in methods],
                "teacher": teacher_result, "teacher_curve": curve, "checks": checks,
+               "claims": verdicts,
                "runs": results, "summary": summary, "environment": env,
                "machine": machine(device), "jobs": args.jobs, "wall_seconds": round(wall, 1),
                "report_only": bool(args.report_only),

@@ -698,3 +698,30 @@ def test_variation_knob_keeps_the_default_images_and_spreads_the_others():
     assert spread(2.0) > 1.2 * spread(1.0)
     with pytest.raises(ValueError, match="variation must be > 0"):
         synthetic.render_face(params, synthetic._image_rng(0, 1, 7, 3), variation=0.0)
+
+
+def test_claim_verdicts_weigh_the_difference_against_the_seed_spread():
+    summary = _summary_with({"student alone": [50.0, 52.0, 51.0],
+                             "AdaArcDistill alpha'": [60.0, 61.0, 62.0],    # +10, spread 1
+                             "AdaArcDistill alpha": [60.5, 61.5, 61.0],     # +0.33 vs alpha'
+                             "ArcDistill": [70.0, 71.0, 72.0],              # -10: reversed
+                             "B2": [60.0, 61.0, 62.0],
+                             "GKD fixed-k": [61.0, 62.0, 63.0]})
+    summary_rows = {r["method"]: r for r in summary["rows"]}
+    summary_rows["GKD fixed-k"]["baseline"] = "B2"                      # a per-recipe baseline
+    verdicts = {(v["better"], v["worse"]): v for v in kd_bench.claim_verdicts(summary)}
+    assert set(verdicts) == {("AdaArcDistill alpha'", "student alone"),
+                             ("AdaArcDistill alpha'", "ArcDistill"),
+                             ("AdaArcDistill alpha'", "AdaArcDistill alpha"),
+                             ("GKD fixed-k", "B2")}                      # absent rows skipped
+    first = verdicts[("AdaArcDistill alpha'", "student alone")]
+    assert first["verdict"] == "reproduced" and first["all_above"]
+    assert first["diff"] == pytest.approx(10.0) and first["spread"] == pytest.approx(1.0)
+    assert verdicts[("AdaArcDistill alpha'", "ArcDistill")]["verdict"] == "not reproduced"
+    assert verdicts[("AdaArcDistill alpha'", "AdaArcDistill alpha")]["verdict"] == "inconclusive"
+    assert verdicts[("GKD fixed-k", "B2")]["diff"] == pytest.approx(1.0)
+    assert verdicts[("GKD fixed-k", "B2")]["verdict"] == "inconclusive"   # 1.0 is not > 1.0
+    lines = kd_bench.claims_table(kd_bench.claim_verdicts(summary), "T3")
+    assert lines[2] == "| claim | comparison | diff | spread | every seed above | verdict |"
+    assert ("| distilled > student alone (AdaDistill) | AdaArcDistill alpha' vs student alone "
+            "| +10.00 | 1.00 | yes | reproduced |") in lines

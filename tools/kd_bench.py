@@ -96,7 +96,7 @@ CONVERGED: Dict[str, Any] = {
 # MobileFaceNet student on a few thousand synthetic identities, sized for about ten minutes on one
 # GPU with several jobs side by side (not measured: no GPU was at hand when it was written).
 LARGE: Dict[str, Any] = {
-    "data": {"num_ids": 2000, "images_per_id": 16, "data_seed": 0, "variation": 2.0,
+    "data": {"num_ids": 2000, "images_per_id": 8, "data_seed": 0, "variation": 2.0,
              "bin_pairs": 1200, "bin_ids": 300, "ijb_ids": 300, "ijb_templates_per_id": 4,
              "ijb_medias_per_template": 1, "ijb_images_per_media": 1,
              "ijb_impostor_ratio": 100},
@@ -541,6 +541,65 @@ def convergence_checks(summary: Mapping[str, Any], teacher_curve: Sequence[Mappi
                      "long_gap": None if long is None else teacher - long["metrics"][key]["mean"],
                      "holds": gap >= gap_min})
     return {"metric": key, "teacher": teacher_check, "students": students, "gaps": gaps}
+
+
+# The papers' claims, each as (better row, worse row) pairs; BASELINE stands for the row's own
+# baseline (the student alone on the same schedule).
+CLAIMS = (
+    ("distilled > student alone (AdaDistill)",
+     (("AdaArcDistill alpha'", BASELINE), ("AdaCosDistill alpha'", BASELINE))),
+    ("distilled > student alone (GKD)",
+     (("GKD fixed-k", BASELINE), ("GKD adaptive", BASELINE))),
+    ("AdaDistill > ArcDistill / CosDistill",
+     (("AdaArcDistill alpha'", "ArcDistill"), ("AdaCosDistill alpha'", "CosDistill"))),
+    ("alpha' > plain alpha",
+     (("AdaArcDistill alpha'", "AdaArcDistill alpha"),
+      ("AdaCosDistill alpha'", "AdaCosDistill alpha"))),
+    ("GKD > plain logit KD", (("GKD fixed-k", "logit KD"), ("GKD adaptive", "logit KD"))),
+)
+
+
+def claim_verdicts(summary: Mapping[str, Any], key: str = HEADLINE,
+                   claims: Sequence = CLAIMS) -> List[Dict[str, Any]]:
+    """Each comparison of ``claims`` whose two rows have runs: ``diff`` = mean(better) -
+    mean(worse), ``spread`` = the larger of the two rows' seed stds, ``all_above`` (every seed
+    of the first above every seed of the second), and the verdict: ``reproduced`` when
+    diff > spread, ``not reproduced`` when diff < -spread (the opposite holds), else
+    ``inconclusive`` (the spread is larger than the difference)."""
+    rows = {r["method"]: r for r in summary["rows"]}
+    out = []
+    for claim, pairs in claims:
+        for better, worse in pairs:
+            if better not in rows:
+                continue
+            if worse == BASELINE:
+                worse = rows[better].get("baseline", summary["baseline"])
+            if worse not in rows:
+                continue
+            a, b = rows[better]["metrics"][key], rows[worse]["metrics"][key]
+            diff = a["mean"] - b["mean"]
+            spread = max(a["std"], b["std"])
+            verdict = "reproduced" if diff > spread else (
+                "not reproduced" if diff < -spread else "inconclusive")
+            out.append({"claim": claim, "better": better, "worse": worse, "diff": diff,
+                        "spread": spread, "verdict": verdict,
+                        "all_above": min(a["values"].values()) > max(b["values"].values())})
+    return out
+
+
+def claims_table(verdicts: Sequence[Mapping[str, Any]], title: str = METRICS[HEADLINE]
+                 ) -> List[str]:
+    """Markdown lines of ``claim_verdicts``."""
+    lines = [f"The papers' claims at {title} (diff = mean of the first row - mean of the second; "
+             "spread = the larger seed std of the two; reproduced when diff > spread, not "
+             "reproduced when diff < -spread, else inconclusive):", "",
+             "| claim | comparison | diff | spread | every seed above | verdict |",
+             "|---|---|---|---|---|---|"]
+    for v in verdicts:
+        lines.append(f"| {v['claim']} | {v['better']} vs {v['worse']} | "
+                     f"{_fmt(v['diff'], signed=True)} | {v['spread']:.2f} | "
+                     f"{'yes' if v['all_above'] else 'no'} | {v['verdict']} |")
+    return lines
 
 
 def checks_table(checks: Mapping[str, Any], titles: Mapping[str, str] = METRICS) -> List[str]:

@@ -12,6 +12,9 @@ Stages, each printed as a PASS / FAIL line (a stage whose input failed is FAIL "
   adadistill   mobilefacenet from the r50 teacher, fp16 + GradScaler, channels_last: the first
                half of the steps (a checkpoint at the half) ...
   adadistill-resume   ... then ``--resume`` to the end (must continue from the half)
+               Every training run spans more than one epoch (epoch-end checkpoints among the
+               step ones, of which the trainer keeps two); each must end with the checkpoint of
+               its last step.
   gkd, gkd-resume     the same with GKD (teacher classifier, top-k grouped KD)
   cache-build  ``train_distill.py --build-teacher-cache`` (the teacher in fp16)
   cached       the AdaDistill run again from the cache
@@ -108,7 +111,7 @@ class Acceptance:
         self.results: Dict[str, Dict] = {}
         self.quick = args.quick
         self.cpu = args.device == "cpu"
-        self.steps = args.steps or (4 if self.quick else 200)
+        self.steps = args.steps or (6 if self.quick else 200)
         self.half = self.steps // 2
         if self.half < 1:
             raise SystemExit("--steps must be >= 2 (a checkpoint and --resume in the middle)")
@@ -116,7 +119,8 @@ class Acceptance:
         self.teacher = "tiny_t" if self.quick else "r50"
         self.dim = 64 if self.quick else 512
         self.num_ids = args.num_ids or (8 if self.quick else 600)
-        self.per_id = 4 if self.quick else 20
+        # every training run spans more than one epoch (quick: 2 steps an epoch; default: 93)
+        self.per_id = 2 if self.quick else 20
         self.batch = args.batch_size or (8 if self.quick else 128)
 
     # -- plumbing
@@ -195,7 +199,7 @@ class Acceptance:
             fp16=True, teacher_fp16=True,
             # the GPU recipe's dtype on every device: float16 + GradScaler, channels_last
             amp_dtype="float16", channels_last=True,
-            num_workers=0 if self.quick else 4, val_targets=[], verbose=10 ** 9,
+            num_workers=0 if self.quick else "auto", val_targets=[], verbose=10 ** 9,
             frequent=1 if self.quick else 10, save_every=self.half, seed=0,
             output=os.path.join(self.work, "runs", name))
         values.update(overrides)
@@ -230,10 +234,12 @@ class Acceptance:
             raise RuntimeError(f"{log}: the run did not resume from step {self.half}")
         if values["fp16"] and "Fp16 Grad Scale" not in text:
             raise RuntimeError(f"{log}: no GradScaler scale in the progress lines")
-        if not resume:
-            ckpt = os.path.join(values["output"], "checkpoints", f"step_{self.half:09d}")
-            if not os.path.isdir(ckpt):
-                raise RuntimeError(f"no checkpoint {ckpt}")
+        # the checkpoint of the run's last step (the one --resume continues from, after the
+        # first half); older ones may be gone: the trainer keeps keep_checkpoints (2) of them,
+        # and a run longer than an epoch also writes one at every epoch end
+        ckpt = os.path.join(values["output"], "checkpoints", f"step_{values['max_steps']:09d}")
+        if not os.path.isdir(ckpt):
+            raise RuntimeError(f"no checkpoint {ckpt} of the run's last step")
         self.metrics.setdefault(name, {"speeds": [], "peak": {}})
         self.metrics[name]["speeds"] += speeds
         if peak and peak.get("bytes", 0) >= self.metrics[name]["peak"].get("bytes", 0):
@@ -398,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="tiny networks, few images and steps (the CPU test)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per training run (default 200; 4 with --quick)")
+                        help="optimizer steps per training run (default 200; 6 with --quick)")
     parser.add_argument("--num-ids", type=int, default=None, help="synthetic identities")
     parser.add_argument("--batch-size", type=int, default=None, help="per-process batch")
     parser.add_argument("--launch", choices=("subprocess", "inprocess"), default=None,

@@ -1,5 +1,6 @@
 """CPU demo, step 3: the student (tiny_s) distilled from the demo teacher with AdaDistill
-(CosFace margin, weighted alpha'), same data, schedule and steps as demo_student."""
+(CosFace margin, weighted alpha'), same data, schedule and steps as demo_student, once per seed;
+the teacher embeddings come from the cache the demo builds after the teacher."""
 from easydict import EasyDict as edict
 
 config = edict()
@@ -8,6 +9,7 @@ config.alpha = "weighted"
 config.network = "tiny_s"
 config.teacher_network = "tiny_t"
 config.teacher_checkpoint = "work_dirs/demo/teacher/model.pt"
+config.teacher_cache = "work_dirs/demo/teacher/embedding_cache"
 config.margin_list = (1.0, 0.0, 0.35)
 config.margin_scale = 32.0
 config.output = "work_dirs/demo/adadistill"
@@ -20,7 +22,7 @@ config.lr = 0.1
 config.lr_schedule = "cosine"
 config.warmup_epoch = 0
 config.weight_decay = 5e-4
-config.num_workers = 1
+config.num_workers = 0        # decode in the run's process: the demo runs one process per core
 config.val_targets = ["lfw"]
 config.verbose = 10 ** 9
 config.frequent = 20

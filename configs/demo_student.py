@@ -1,4 +1,5 @@
-"""CPU demo, step 2: the student (tiny_s) trained alone, the baseline (see tools/demo.py)."""
+"""CPU demo, step 2: the student (tiny_s) trained alone, the baseline; the demo runs it once per
+seed (config.seed and output <output>/seed_<k> set by tools/demo.py)."""
 from easydict import EasyDict as edict
 
 config = edict()
@@ -16,7 +17,7 @@ config.lr = 0.1
 config.lr_schedule = "cosine"
 config.warmup_epoch = 0
 config.weight_decay = 5e-4
-config.num_workers = 1
+config.num_workers = 0        # decode in the run's process: the demo runs one process per core
 config.val_targets = ["lfw"]
 config.verbose = 10 ** 9
 config.frequent = 20

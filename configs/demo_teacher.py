@@ -1,4 +1,5 @@
-"""CPU demo, step 1: the teacher (tiny_t) trained alone on the synthetic set (see tools/demo.py)."""
+"""CPU demo, step 1: the teacher (tiny_t) trained alone on the synthetic set, once; the demo then
+builds its teacher-embedding cache (work_dirs/demo/teacher/embedding_cache, see tools/demo.py)."""
 from easydict import EasyDict as edict
 
 config = edict()
@@ -17,7 +18,7 @@ config.lr_schedule = "cosine"
 config.warmup_epoch = 0
 config.weight_decay = 5e-4
 config.fp16 = False
-config.num_workers = 1
+config.num_workers = 0        # decode in the run's process: the demo runs one process per core
 config.val_targets = ["lfw"]
 config.verbose = 10 ** 9       # verify once, at the end
 config.frequent = 20

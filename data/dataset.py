@@ -2,9 +2,12 @@
 
 ``FaceRecordDataset`` reads an arcface_torch training folder (``train.rec``, ``train.idx`` and
 optionally ``property``) and returns ``(image [3, 112, 112], label, index, flipped)``.  The flip of
-item ``i`` in epoch ``e`` comes from ``numpy.random.default_rng([seed, e])``, not from a worker's
-random state, so it is the same in every worker, process and resumed run; the teacher-embedding
-cache relies on this to look embeddings up by ``(index, flipped)``.
+item ``i`` in epoch ``e`` comes from ``numpy.random.default_rng([seed, e])`` (``plugins.flips``, the
+rule a fork's keyed loader shares), not from a worker's random state, so it is the same in every
+worker, process and resumed run; the teacher-embedding cache relies on this to look embeddings up
+by ``(index, flipped)``.  With ``pixels="uint8"`` the image is the decoded ``[112, 112, 3]`` bytes
+(mirrored), normalised later on the training device by ``data.pixels.normalise_batch`` to the same
+bits.
 
 ``ResumableDistributedSampler`` deals one permutation per epoch out as contiguous global batches:
 the batch gathered over ranks is the same for any world size with the same global batch, and a run
@@ -18,17 +21,21 @@ import random
 from functools import partial
 from typing import Dict, Iterator, List, Optional, Tuple
 
+import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from data.image_codec import decode_rgb
+from data.pixels import normalise_image
 from plugins.distributed import rank_and_world
-from plugins.recordio import RecordReader
+from plugins.flips import flip_flags
+from plugins.recordio import RecordReader, unpack
 
 logger = logging.getLogger(__name__)
 
 Item = Tuple[torch.Tensor, torch.Tensor, int, bool]
+PIXELS = ("float", "uint8")
 
 
 def read_property(path: str) -> Tuple[int, int, int]:
@@ -78,10 +85,14 @@ class FaceRecordDataset(Dataset):
             an undecodable image at item time by the next good record (see ``__getitem__``).
             Default False: the first bad record raises ValueError naming file, key and offset.
         image_size: expected decoded size (square), 112 for arcface_torch.
+        pixels: ``"float"``: the image of an item is ``[3, S, S]`` float32 in [-1, 1] =
+            ``(x / 255 - 0.5) / 0.5``; ``"uint8"``: the decoded ``[S, S, 3]`` uint8 RGB bytes
+            (mirrored like the float image), for a loader that normalises on the training device
+            (``data.pixels.normalise_batch``: the same float bits, a quarter of the bytes to pin
+            and copy).  An attribute: it may be changed before a loader starts its workers.
 
-    Item ``i``: ``(image [3, S, S] float32 in [-1, 1] = (x / 255 - 0.5) / 0.5, label int64
-    scalar tensor, index i, flipped bool)``; ``index`` and ``flipped`` identify the image exactly
-    (the teacher-embedding cache key).
+    Item ``i``: ``(image, label int64 scalar tensor, index i, flipped bool)``; ``index`` and
+    ``flipped`` identify the image exactly (the teacher-embedding cache key).
     """
 
     def __init__(self,
@@ -90,8 +101,11 @@ class FaceRecordDataset(Dataset):
                  flip: bool = True,
                  seed: int = 0,
                  skip_bad: bool = False,
-                 image_size: int = 112) -> None:
-        self.root = os.fspath(root)
+                 image_size: int = 112,
+                 pixels: str = "float") -> None:
+        if pixels not in PIXELS:
+            raise ValueError(f"pixels must be one of {list(PIXELS)}, got {pixels!r}")
+        self.root, self.pixels = os.fspath(root), pixels
         self.reader = RecordReader(os.path.join(self.root, "train.rec"),
                                    os.path.join(self.root, "train.idx"))
         self.flip, self.seed, self.skip_bad, self.image_size = flip, seed, skip_bad, image_size
@@ -119,14 +133,22 @@ class FaceRecordDataset(Dataset):
         if keys.size == 0:
             raise ValueError(f"{self.root}: no usable image records")
         self.keys = keys
+        self.offsets = self.reader.offsets_of(keys)      # [N] int64, one lookup per item saved
         self.labels = labels.astype(np.int64)
         self.num_classes = int(num_classes if num_classes is not None else self.labels.max() + 1)
         self.dropped = len(problems)
         self.skipped = 0
-        # the epoch lives in shared memory so persistent DataLoader workers see set_epoch()
+        # the epoch lives in shared memory so persistent DataLoader workers see set_epoch();
+        # each process reads it through its own numpy view (no torch call per item)
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._epoch_view: Optional[np.ndarray] = None
         self._flips_epoch: Optional[int] = None
         self._flips = np.zeros(0, dtype=bool)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_epoch_view"] = None       # a pickled view would be a copy: rebuilt from _epoch
+        return state
 
     def _index(self, num_classes: Optional[int]) -> Tuple[np.ndarray, np.ndarray, Dict[int, str]]:
         """Image keys ``[N]``, their labels ``[N]`` (NaN if unreadable) and the problems found
@@ -149,9 +171,7 @@ class FaceRecordDataset(Dataset):
     # -- flips -------------------------------------------------------------------------------
     def flip_flags(self, epoch: int) -> np.ndarray:
         """``[N]`` bool: whether item ``i`` is mirrored in ``epoch`` (all False without flip)."""
-        if not self.flip:
-            return np.zeros(len(self), dtype=bool)
-        return np.random.default_rng([self.seed, epoch]).random(len(self)) < 0.5
+        return flip_flags(self.seed, epoch, len(self), self.flip)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the flip decisions of ``epoch`` (call before iterating the loader)."""
@@ -161,7 +181,9 @@ class FaceRecordDataset(Dataset):
 
     @property
     def epoch(self) -> int:
-        return int(self._epoch[0])
+        if self._epoch_view is None:
+            self._epoch_view = self._epoch.numpy()
+        return int(self._epoch_view[0])
 
     def flipped(self, index: int) -> bool:
         """Flip decision of item ``index`` in the current epoch."""
@@ -171,13 +193,17 @@ class FaceRecordDataset(Dataset):
         return bool(self._flips[index])
 
     # -- items -------------------------------------------------------------------------------
+    def _where(self, index: int) -> str:
+        return (f"{self.reader.rec_path}: key {int(self.keys[index])}, byte offset "
+                f"{int(self.offsets[index])}")
+
     def decode(self, index: int) -> np.ndarray:
         """``[S, S, 3]`` uint8 RGB image of item ``index`` (not flipped).
 
         Raises ValueError naming file, key and byte offset if it cannot be decoded."""
-        key = int(self.keys[index])
-        where = f"{self.reader.rec_path}: key {key}, byte offset {self.reader.offset(key)}"
-        _, body = self.reader.read(key)
+        where = self._where(index)
+        _, body = unpack(self.reader.read_at(int(self.offsets[index]), int(self.keys[index])),
+                         where)
         try:
             img = decode_rgb(body)
         except ValueError as exc:
@@ -207,16 +233,12 @@ class FaceRecordDataset(Dataset):
                 logger.warning("skipped %d undecodable records so far: %s", self.skipped, exc)
                 continue
             flipped = self.flipped(current)
-            chw = img.transpose(2, 0, 1)
-            if flipped:
-                chw = chw[:, :, ::-1]
-            # numpy, not torch: no intra-op thread pool for a 150 KB tensor (in the main
-            # process torch's threads cost far more than they save); same float32 operations
-            x = chw.astype(np.float32)
-            x /= 255.0
-            x -= 0.5
-            x /= 0.5
-            return torch.from_numpy(x), torch.tensor(self.labels[current]), current, flipped
+            if self.pixels == "uint8":
+                image = torch.from_numpy(cv2.flip(img, 1) if flipped else
+                                         np.require(img, requirements=["C", "W"]))
+            else:
+                image = torch.from_numpy(normalise_image(img, flipped))
+            return image, torch.from_numpy(np.array(self.labels[current])), current, flipped
         raise ValueError(f"{self.root}: no decodable image in the whole dataset")
 
 
@@ -316,6 +338,19 @@ def can_pin_memory() -> bool:
     return torch.cuda.is_available()
 
 
+def collate_batch(items: List[tuple]) -> tuple:
+    """``default_collate``, except in the main process (``num_workers = 0``), where the images
+    are stacked by numpy into a C-order batch (contiguous, like torch's stack: the memory format
+    decides the conv kernels, so the bits).  In the main process torch's stack copies each of
+    the B items in its own intra-op parallel region, and on busy cores every region waits for a
+    descheduled thread (0.37 s per 32 images measured on 2 loaded cores); DataLoader workers run
+    single-threaded and there ``default_collate`` also stacks straight into shared memory."""
+    if get_worker_info() is not None:
+        return default_collate(items)
+    images = torch.from_numpy(np.stack([item[0].numpy() for item in items]))     # C order
+    return (images, *default_collate([item[1:] for item in items]))
+
+
 def make_loader(dataset: Dataset,
                 sampler: Sampler,
                 batch_size: int,
@@ -323,25 +358,30 @@ def make_loader(dataset: Dataset,
                 pin_memory: bool = True,
                 seed: int = 0) -> DataLoader:
     """DataLoader over ``sampler`` with ``drop_last``, seeded workers, persistent workers when
-    ``num_workers > 0`` and pinned memory only where an accelerator (CUDA, ...) is available.
+    ``num_workers > 0``, ``collate_batch`` and pinned memory only where an accelerator (CUDA,
+    ...) is available.
 
     Args:
         dataset: map-style dataset (e.g. ``FaceRecordDataset``).
         sampler: index sampler (e.g. ``ResumableDistributedSampler``); call its and the dataset's
             ``set_epoch`` before each ``iter(loader)``.
         batch_size: per-rank batch ``B``.
-        num_workers: worker processes (0 = load in the main process).
+        num_workers: worker processes (0 = load in the main process); a config's ``"auto"`` is
+            resolved before (``engine.runtime.resolve_num_workers``).
         pin_memory: pin batches for asynchronous host-to-GPU copies; a request that is a no-op
             (and passed to the DataLoader as False, without its warning) with no accelerator.
         seed: seed of the workers' torch/numpy/random states.
     """
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"make_loader: num_workers must be an int >= 0, got {num_workers!r}")
     generator = torch.Generator()
     generator.manual_seed(seed)
     extra = {"persistent_workers": True, "prefetch_factor": 2} if num_workers > 0 else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory and can_pin_memory(), drop_last=True,
-                      worker_init_fn=partial(_seed_worker, seed), generator=generator, **extra)
+                      collate_fn=collate_batch, pin_memory=pin_memory and can_pin_memory(),
+                      drop_last=True, worker_init_fn=partial(_seed_worker, seed),
+                      generator=generator, **extra)
 
 
-__all__: List[str] = ["FaceRecordDataset", "ResumableDistributedSampler", "image_keys",
-                      "make_loader", "read_property", "steps_per_epoch"]
+__all__: List[str] = ["FaceRecordDataset", "ResumableDistributedSampler", "collate_batch",
+                      "image_keys", "make_loader", "read_property", "steps_per_epoch"]

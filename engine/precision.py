@@ -7,7 +7,9 @@ One plan per run, so that the CUDA recipe and its CPU test execute the same line
     student = plan.memory_format(student); images = plan.memory_format(images)
     scaler = plan.grad_scaler()                          # GradScaler(device type), on for float16
     ...
-    stepped = scaler_step(scaler, optimizer, student.parameters(), cfg.grad_clip)
+    found_inf = unscale_gradients(scaler, optimizer)     # device flag, no host read
+    ...one host read of all the step's flags (engine/step_guard), every rank agreeing...
+    step_scaled(scaler, optimizer, overflow, agreed_found_inf)   # or drop_scaled_step
 
 ``fp16 = True`` (arcface_torch's flag) runs the student's convolutional trunk under autocast and
 its embedding head in fp32.  The autocast dtype is ``amp_dtype``:
@@ -28,16 +30,19 @@ CPU teacher in fp32 (its embeddings are the distillation target; see ``plugins/t
 GradScaler's skip decision is made per rank from that rank's gradients.  The student's gradients
 are all-reduced by DDP, so their infs reach every rank, but the head's class shards are outside
 DDP: an overflow in one rank's shard would make only that rank skip the step and halve its scale,
-and the ranks would drift apart.  ``scaler_step`` all-reduces the found-inf flag first, so every
-rank skips (or steps) together and keeps the same scale.
+and the ranks would drift apart.  The trainer all-reduces the found-inf flag with the step's other
+flags (``engine.step_guard.StepGuard.read``) and hands the agreed flag to ``step_scaled``, so
+every rank skips (or steps) together and keeps the same scale.  ``GradScaler.step`` itself reads
+the flag with ``.item()`` (a host-device synchronisation); ``step_scaled`` decides from the flag
+the trainer has already read, with GradScaler's own unscale and update (its state_dict, hence the
+checkpoints, unchanged).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from plugins.backbones._common import default_autocast_dtype
@@ -122,37 +127,39 @@ def precision_plan(device: Union[torch.device, str], cfg: Mapping) -> PrecisionP
                          channels_last=bool(channels_last))
 
 
-def share_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
-    """After ``scaler.unscale_(optimizer)``: make the found-inf flag the OR over all ranks (one
-    all-reduce) and return it.  False when the scaler is disabled.
-
-    Reads GradScaler's per-optimizer state (``found_inf_per_device``, the tensors ``step`` and
-    ``update`` consult) and writes the global flag into every entry."""
+def unscale_gradients(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer
+                      ) -> Optional[torch.Tensor]:
+    """``scaler.unscale_(optimizer)`` and this rank's found-inf flag of the unscaled gradients as
+    a 0-d float tensor on the device -- no host read (the trainer folds it into the step's one
+    read, all ranks agreeing).  None when the scaler is disabled (fp32, bfloat16)."""
     if not scaler.is_enabled():
-        return False
-    found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-    if not found:
-        raise RuntimeError("share_found_inf: call scaler.unscale_(optimizer) first")
-    flags = list(found.values())
-    flag = torch.stack([f.reshape(()).to(flags[0].device) for f in flags]).amax().reshape(1)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    for tensor in flags:
-        tensor.copy_(flag.reshape(tensor.shape).to(tensor.device))
-    return bool(flag.item())
-
-
-def scaler_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
-                clip_params: Iterable[torch.Tensor], grad_clip: float) -> bool:
-    """One optimizer step of the (possibly scaled) gradients: unscale, agree across ranks on an
-    overflow, clip ``clip_params`` to norm ``grad_clip`` (0: no clipping), step, update the scale.
-
-    Returns True when the optimizer stepped, False when GradScaler skipped the step (an inf/NaN
-    gradient on any rank; every rank then skips and backs its scale off identically)."""
+        return None
     scaler.unscale_(optimizer)
-    overflow = share_found_inf(scaler, optimizer)
-    if grad_clip > 0:
-        nn.utils.clip_grad_norm_(clip_params, grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+    flags = list(scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values())
+    return torch.stack([f.reshape(()).to(flags[0].device) for f in flags]).amax()
+
+
+def step_scaled(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, overflow: bool,
+                agreed_found_inf: Optional[torch.Tensor] = None) -> bool:
+    """After ``unscale_gradients`` and the host read: ``optimizer.step()`` unless ``overflow``
+    (the found-inf every rank agreed on), then the scale update (back-off after an overflow,
+    growth after ``growth_interval`` clean steps) -- GradScaler.step + update without the
+    ``.item()`` GradScaler.step makes.  ``agreed_found_inf``: the all-ranks flag as a device
+    tensor; it replaces the per-rank flags the update reads, so every rank keeps the same scale.
+    Returns True when the optimizer stepped."""
+    if not overflow:
+        optimizer.step()
+    if scaler.is_enabled():
+        found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        if agreed_found_inf is not None:
+            for tensor in found.values():
+                tensor.copy_(agreed_found_inf.reshape(tensor.shape).to(tensor))
+        scaler.update()
     return not overflow
+
+
+def drop_scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """A step dropped for a non-finite loss: forget ``unscale_gradients``'s record without a scale
+    update -- the loss, not the gradient scale, was at fault, so the scale does not back off."""
+    if scaler.is_enabled():
+        scaler._per_optimizer_states.pop(id(optimizer), None)   # fresh state on next access

@@ -3,7 +3,8 @@ run left behind, the refusal to start a fresh run over another run's checkpoints
 SIGTERM / SIGINT handlers (engine/stop_signal).
 
     with run_guard(cfg, rank, world) as stop:
-        ...train; after each optimizer step: if stop.requested(device): save and leave...
+        ...train; each optimizer step reads stop.signum with its flags (all ranks agree);
+        a set signal: save that step and leave...
 """
 from __future__ import annotations
 

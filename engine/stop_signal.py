@@ -1,24 +1,22 @@
 """Stop cleanly on SIGTERM / SIGINT: save a checkpoint at the next step boundary, then return.
 
 torchrun sends SIGTERM to every worker on an elastic restart or when one worker fails; Ctrl-C
-sends SIGINT.  The handler only records the signal; the training loop asks ``requested()`` after
-each optimizer step, and the ranks agree through one all-reduce (MAX) of the flag, so all of them
-save the same step and leave together.  A second signal gets the previous behaviour (SIGINT:
-KeyboardInterrupt, SIGTERM: termination) -- the save is atomic, so that is safe.
+sends SIGINT.  The handler only records the signal (``signum``); each optimizer step reads it with
+the step's other flags, all-reduced (MAX) across ranks in the step's one host read
+(``engine.step_guard.StepGuard.read``), so all ranks save the same step and leave together.  A
+second signal gets the previous behaviour (SIGINT: KeyboardInterrupt, SIGTERM: termination) --
+the save is atomic, so that is safe.
 """
 from __future__ import annotations
 
 import signal
 import threading
 
-import torch
-import torch.distributed as dist
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
-    """Records SIGTERM / SIGINT while installed; ``requested`` answers for all ranks."""
+    """Records SIGTERM / SIGINT while installed (``signum``: the last one, 0 for none)."""
 
     def __init__(self) -> None:
         self.signum = 0
@@ -38,14 +36,6 @@ class StopRequest:
     def _handler(self, signum, frame) -> None:
         self.signum = signum
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def requested(self, device: torch.device) -> int:
-        """The signal number any rank received (0: none).  Collective when world size > 1."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return self.signum
-        flag = torch.tensor([self.signum], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
 
     @staticmethod
     def name(signum: int) -> str:

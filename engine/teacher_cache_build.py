@@ -18,9 +18,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from data.dataset import collate_batch
 from plugins.distributed import all_reduce, rank_and_world
 from plugins.teacher import TeacherHook, build_teacher
 from plugins.teacher_cache import (CHUNKS_DIR, DTYPES, EMBEDDINGS_FILE, FORMAT_VERSION,
@@ -109,19 +110,6 @@ def _embed_pairs(teacher: TeacherHook, images: torch.Tensor) -> torch.Tensor:
     return both.reshape(2, batch, -1).transpose(0, 1).cpu()
 
 
-def _collate_in_process(items: Sequence[tuple]) -> tuple:
-    """``default_collate`` with the images stacked by numpy into a C-order (contiguous, like
-    torch's stack: the memory format decides the conv kernels, so the bits) batch: in the main
-    process (``num_workers = 0``) torch's stack copies each of the B items in its own
-    intra-op parallel region, and on busy cores every region waits for a descheduled thread
-    (0.37 s per 32 images measured on 2 loaded cores, ~1-2% of an r50 forward of both views;
-    DataLoader workers run single-threaded and do not need this)."""
-    first = items[0][0]
-    images = torch.empty((len(items),) + tuple(first.shape), dtype=first.dtype)  # C order
-    np.stack([item[0].numpy() for item in items], out=images.numpy())
-    return (images, *default_collate([item[1:] for item in items]))
-
-
 def _stored(pairs: torch.Tensor, np_dtype: type, wanted: List[int]) -> np.ndarray:
     """``pairs [B, 2, D]`` fp32 cast to the cache dtype; RuntimeError on a non-finite value or
     one beyond the dtype's range (an untrained teacher can exceed float16's 65504)."""
@@ -143,7 +131,7 @@ def _embed_chunks(teacher: TeacherHook, dataset: torch.utils.data.Dataset, path:
     """Embed the chunks ``mine`` = ``[(chunk, start, stop), ...]`` and mark each one done."""
     batches = _chunk_batches(mine, batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                        collate_fn=_collate_in_process if num_workers == 0 else None,
+                        collate_fn=collate_batch,    # numpy's stack in the main process
                         pin_memory=teacher.device.type == "cuda")
     bar = tqdm(total=sum(e - s for _, s, e in mine), unit="img", dynamic_ncols=True,
                desc=f"teacher cache (rank 0 of {world})", disable=not progress)
@@ -290,6 +278,7 @@ def build_from_config(cfg: Mapping[str, Any], overwrite: bool = False,
     fp16 when a config lacks it), amp_dtype (default "auto") and skip_bad_records (default False).
     """
     from data.dataset import FaceRecordDataset
+    from engine.runtime import resolve_num_workers
 
     if not cfg.get("teacher_cache"):
         raise ValueError("config key 'teacher_cache' is not set: name the folder that will hold "
@@ -306,7 +295,9 @@ def build_from_config(cfg: Mapping[str, Any], overwrite: bool = False,
         meta = cache_identity(teacher.digest, cfg["teacher_network"], cfg["rec"], len(dataset),
                               cfg["teacher_embedding_size"])
         return build_teacher_cache(teacher, dataset, cfg["teacher_cache"], meta,
-                                   batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
+                                   batch_size=cfg["batch_size"],
+                                   num_workers=resolve_num_workers(cfg["num_workers"],
+                                                                   _device().type),
                                    chunk_size=chunk_size, dtype=dtype, overwrite=overwrite)
     finally:
         if created:

@@ -4,32 +4,42 @@
     student(img) -> f_s [B, D]                      DDP; conv trunk under autocast with fp16
     teacher source(img, index, flipped) -> f_t      frozen teacher or its embedding cache
     head(f_s, label, teacher=f_t, epoch=e) -> loss  same value on every rank (plugins.heads)
-    backward, unscale, clip, step, lr, log, verify, checkpoint
+    backward, unscale, clip                         queued on the device, nothing read yet
+    ONE host read of the step's flags               engine/step_guard (all ranks agree)
+    step or skip (rollback), lr, log, verify, checkpoint
+
+``train_step`` is one optimizer step; bench/gpu_throughput.py times it on in-memory batches.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from plugins.atomic_io import atomic_torch_save
 from engine.checkpoint import CheckpointManager
 from plugins.builders import build_head, build_teacher_source, check_config, teacher_class_means
-from engine.lr_schedule import run_schedule
+from plugins.lr_schedule import run_schedule
 from engine.run_guard import run_guard
 from engine.run_identity import check_resume, run_identity
-from engine.step_guard import BufferSnapshot
-from engine.precision import precision_plan, scaler_step
+from engine.stop_signal import StopRequest
+from engine.compiled import compile_student
+from engine.step_guard import StepFlags, StepGuard
+from engine.precision import drop_scaled_step, precision_plan, step_scaled, unscale_gradients
 from engine.runtime import (CONFIG_LOGGER, configure_cpu_threads, init_distributed,
-                          seed_everything, setup_logging)
+                          resolve_num_workers, seed_everything, setup_logging)
 from plugins.ddp_gradient import exact_gradient_hook
+from plugins.deferred_checks import deferred
 from plugins.heads import DistillHead
 from plugins.sharded_state import gather_full_table
 
@@ -58,27 +68,68 @@ def _optimizer(cfg, student: nn.Module, head: nn.Module) -> torch.optim.Optimize
 
 
 class ProgressMeter:
-    """Averages the loss and head statistics between two progress lines and estimates the ETA."""
+    """Keeps the loss and head statistics of every optimizer step on the device and reads them
+    only when a progress line is due (``flush``: one host read for all the steps since the last
+    one), then averages them for the line and estimates the ETA.
 
-    def __init__(self, total_steps: int, global_batch: int, start_step: int) -> None:
+    Args:
+        total_steps: the run's last step (for the ETA).
+        global_batch: samples per optimizer step (for the speed).
+        start_step: the step the run (or its resume) starts from.
+        max_pending: steps kept on the device at most; more are read early (bounded memory when
+            ``frequent`` is large).
+    """
+
+    def __init__(self, total_steps: int, global_batch: int, start_step: int,
+                 max_pending: int = 1000) -> None:
         self.total_steps, self.global_batch = total_steps, global_batch
         self.start_step, self.t0 = start_step, time.time()
         self.last_time, self.last_step = self.t0, start_step
-        self.sums, self.count = {}, 0
+        self.max_pending = max_pending
+        self.pending: List[Tuple[Tuple[str, ...], torch.Tensor]] = []
+        self.read: List[Dict[str, float]] = []        # read, not yet averaged into a line
 
-    def add(self, loss: float, stats: dict) -> None:
-        self.sums["loss"] = self.sums.get("loss", 0.0) + loss
-        for key, value in stats.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
-        self.count += 1
+    def add(self, loss: torch.Tensor, stats: Dict[str, torch.Tensor]) -> None:
+        """Record one optimizer step: its loss and the head's ``stats`` (0-d tensors), stacked
+        on the loss's device in float64 -- no host read."""
+        device = loss.device
+        values = [loss.detach().reshape(()).double()] + [
+            v.detach().reshape(()).to(device=device, dtype=torch.float64, non_blocking=True)
+            for v in stats.values()]
+        self.pending.append((("loss",) + tuple(stats), torch.stack(values)))
+        if len(self.pending) >= self.max_pending:
+            self.flush()
+
+    def flush(self, extra: Optional[torch.Tensor] = None) -> Tuple[List[float], Optional[float]]:
+        """Read the pending steps (one host read) and keep them for the next ``line``.  Returns
+        their losses in step order and the value of ``extra`` (a 0-d tensor read with them,
+        e.g. the loss scale), or None."""
+        tensors = [row for _, row in self.pending]
+        if extra is not None:
+            tensors.append(extra.detach().reshape(1).to(tensors[0].device if tensors else
+                                                        extra.device, torch.float64))
+        values = torch.cat(tensors).tolist() if tensors else []
+        losses, at = [], 0
+        for names, row in self.pending:
+            step = dict(zip(names, values[at:at + len(names)]))
+            at += len(names)
+            self.read.append(step)
+            losses.append(step["loss"])
+        self.pending = []
+        return losses, (values[-1] if extra is not None else None)
 
     def line(self, step: int, epoch: int, lr: float, scale: Optional[float]) -> tuple:
+        """The progress line of the steps read since the last line (call ``flush`` first)."""
         now = time.time()
         speed = (step - self.last_step) * self.global_batch / max(now - self.last_time, 1e-9)
         per_step = (now - self.t0) / max(step - self.start_step, 1)
         eta_hours = per_step * (self.total_steps - step) / 3600
-        means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
-        self.sums, self.count, self.last_time, self.last_step = {}, 0, now, step
+        sums: Dict[str, float] = {}
+        for values in self.read:
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
+        means = {k: v / max(len(self.read), 1) for k, v in sums.items()}
+        self.read, self.last_time, self.last_step = [], now, step
         extra = "".join(f"   {k} {v:.4f}" for k, v in means.items() if k != "loss")
         scale_txt = f"   Fp16 Grad Scale: {scale:.0f}" if scale is not None else ""
         text = (f"Speed {speed:.2f} samples/sec   Loss {means.get('loss', float('nan')):.4f}   "
@@ -100,17 +151,24 @@ def train(cfg) -> dict:
 
 def _train(cfg, stop) -> dict:
     """setup -> resume -> logging -> epochs of optimizer steps -> finish."""
-    run = _setup(cfg)
-    progress = _resume(run)
+    run, progress = prepare_run(cfg)
     logs = _open_logs(run)
-    buffers = BufferSnapshot(run.student, run.head)   # a skipped step restores buffers
     meter = ProgressMeter(progress.total_steps, run.global_batch * run.acc, progress.step)
-    run.student.train()
-    run.head.train()
     finished = False
     while not finished and progress.epoch < cfg.num_epoch and progress.step < progress.total_steps:
-        finished = _train_epoch(run, progress, logs, stop, buffers, meter)
-    return _finish(run, progress, logs, stop)
+        finished = _train_epoch(run, progress, logs, stop, meter)
+    return _finish(run, progress, logs, stop, meter)
+
+
+def prepare_run(cfg) -> Tuple["_Run", "_Progress"]:
+    """What ``train`` builds before its first step: the run (``_setup``) and where it starts
+    (``_resume``), student and head in training mode.  bench/gpu_throughput.py times
+    ``train_step`` on it."""
+    run = _setup(cfg)
+    progress = _resume(run)
+    run.student.train()
+    run.head.train()
+    return run, progress
 
 
 @dataclass
@@ -125,7 +183,7 @@ class _Run:
     sampler: Any
     loader: Any
     student: nn.Module          # the bare network (state_dict, clipping)
-    model: nn.Module            # the student as called: DDP-wrapped when world > 1
+    model: nn.Module            # the student as called: DDP-wrapped when world > 1, compiled
     teacher: Any                # teacher-embedding source or None
     head: DistillHead
     optimizer: torch.optim.Optimizer
@@ -136,6 +194,8 @@ class _Run:
     acc: int                    # micro-batches per optimizer step (gradient_acc)
     global_batch: int           # batch_size x world size
     steps_per_epoch: int
+    guard: StepGuard            # the step's one host read; a skipped step's rollback
+    label_group: Any = None     # gloo group gathering host labels (world > 1, wants_host_labels)
 
 
 @dataclass
@@ -147,9 +207,13 @@ class _Progress:
     consumed: int = 0           # samples of the current epoch already trained on (all ranks)
     nonfinite_in_row: int = 0
     skipped_steps: int = 0
-    last_loss: float = float("nan")
-    losses: List[float] = field(default_factory=list)
+    losses: List[float] = field(default_factory=list)   # read at progress lines and at the end
     stopped_by: int = 0
+    resumed_from: Optional[str] = None   # the checkpoint this run resumed from
+
+    @property
+    def last_loss(self) -> float:
+        return self.losses[-1] if self.losses else float("nan")
 
 
 @dataclass
@@ -162,19 +226,22 @@ class _Logs:
 def _setup(cfg) -> _Run:
     """Logging, checks, seeds, data, student, teacher source, head, DDP, optimizer, schedule."""
     from data.dataset import FaceRecordDataset, ResumableDistributedSampler, make_loader
+    from data.device_batches import DeviceBatches, LoaderWaitMeter, host_pixels
     from plugins.backbones import resolve_model
 
     rank, world, _, device = init_distributed()
     setup_logging(cfg.output, rank)
     check_config(cfg)
+    workers = resolve_num_workers(cfg.num_workers, device.type)     # "auto": CPUs per rank - 1
     if device.type == "cpu":
-        LOG.info("CPU: %d intra-op threads per process", configure_cpu_threads(cfg.num_workers))
+        LOG.info("CPU: %d intra-op threads per process", configure_cpu_threads(workers))
     seed_everything(cfg.seed)
     precision = precision_plan(device, cfg)        # autocast dtype, GradScaler, channels_last
     LOG.info(precision.describe())
 
     dataset = FaceRecordDataset(cfg.rec, num_classes=cfg.num_classes, flip=cfg.flip,
-                                seed=cfg.seed, skip_bad=cfg.skip_bad_records)
+                                seed=cfg.seed, skip_bad=cfg.skip_bad_records,
+                                pixels=host_pixels(device))     # uint8 to a GPU, float on CPU
     if cfg.get("num_image", len(dataset)) != len(dataset):
         LOG.warning("config num_image=%d but %s holds %d images; using %d",
                     cfg.num_image, cfg.rec, len(dataset), len(dataset))
@@ -186,8 +253,10 @@ def _setup(cfg) -> _Run:
                          f"{global_batch * acc} (batch_size x world size x gradient_acc)")
     sampler = ResumableDistributedSampler(len(dataset), cfg.batch_size, num_replicas=world,
                                           rank=rank, shuffle=True, seed=cfg.seed)
-    loader = make_loader(dataset, sampler, cfg.batch_size, cfg.num_workers, pin_memory=True,
-                         seed=cfg.seed)     # pinned where an accelerator exists
+    # pinned where an accelerator exists; batches on the device one ahead of the step
+    loader = DeviceBatches(make_loader(dataset, sampler, cfg.batch_size, workers, seed=cfg.seed),
+                           device, precision.memory_format,
+                           LoaderWaitMeter(workers, cfg.batch_size, log=rank == 0))
 
     student = resolve_model(cfg.network, num_features=cfg.embedding_size,
                             fp16=precision.backbone_fp16).to(device)
@@ -203,6 +272,10 @@ def _setup(cfg) -> _Run:
         # the heads give each rank the exact gradient of the global-batch mean for its own
         # samples: sum over ranks (DDP would average), the same gradient on any world size
         model.register_comm_hook(None, exact_gradient_hook)
+    model = compile_student(model, device, cfg.get("compile", False), log=LOG)
+    label_group = None
+    if world > 1 and head.wants_host_labels:    # labels gathered on the host: no device read
+        label_group = dist.new_group(backend="gloo")
     return _Run(cfg=cfg, rank=rank, world=world, device=device, precision=precision,
                 dataset=dataset, sampler=sampler, loader=loader, student=student, model=model,
                 teacher=teacher, head=head, optimizer=_optimizer(cfg, student, head),
@@ -210,7 +283,8 @@ def _setup(cfg) -> _Run:
                 scaler=precision.grad_scaler(),
                 checkpoints=CheckpointManager(cfg.output, keep=cfg.keep_checkpoints),
                 identity=run_identity(cfg, len(dataset)), acc=acc, global_batch=global_batch,
-                steps_per_epoch=steps_per_epoch)
+                steps_per_epoch=steps_per_epoch, guard=StepGuard(student, head, device, world),
+                label_group=label_group)
 
 
 def _resume(run: _Run) -> _Progress:
@@ -244,6 +318,7 @@ def _resume(run: _Run) -> _Progress:
     if consumed >= run.steps_per_epoch * per_step:
         epoch, consumed = epoch + 1, 0
     progress.epoch, progress.step, progress.consumed = epoch, step, consumed
+    progress.resumed_from = path
     return progress
 
 
@@ -274,9 +349,9 @@ def _save_checkpoint(run: _Run, progress: _Progress) -> None:
         atomic_torch_save(run.student.state_dict(), os.path.join(run.cfg.output, "model.pt"))
 
 
-def _train_epoch(run: _Run, progress: _Progress, logs: _Logs, stop, buffers: BufferSnapshot,
+def _train_epoch(run: _Run, progress: _Progress, logs: _Logs, stop,
                  meter: "ProgressMeter") -> bool:
-    """The rest of ``progress.epoch``: micro-batches, one optimizer step per ``acc`` of them.
+    """The rest of ``progress.epoch``: one optimizer step per ``acc`` micro-batches.
     Returns True when the run is over (last step reached or a stop signal honoured); otherwise
     moves to the next epoch, saving a checkpoint at its end unless this step was just saved."""
     cfg = run.cfg
@@ -284,30 +359,73 @@ def _train_epoch(run: _Run, progress: _Progress, logs: _Logs, stop, buffers: Buf
     run.sampler.set_epoch(progress.epoch, consumed=progress.consumed)
     # exactly steps_per_epoch * acc batches per epoch, so no partial accumulation leaks over
     remaining = run.steps_per_epoch * run.acc - progress.consumed // (cfg.batch_size * run.world)
-    bad_step, micro = False, 0
-    for _, batch in zip(range(remaining), run.loader):
-        if micro % run.acc == 0:
-            buffers.take()
-        micro += 1
-        bad_step = not _micro_batch(run, progress, batch, sync=micro % run.acc == 0) or bad_step
-        if micro % run.acc == 0:
-            if _optimizer_step(run, progress, buffers, bad_step) and \
-                    _after_step(run, progress, logs, stop, meter):
-                return True
-            bad_step = False
+    batches = iter(run.loader)
+    for _ in range(remaining // run.acc):
+        flags = train_step(run, progress, itertools.islice(batches, run.acc), stop, meter)
+        if not flags.skip and _after_step(run, progress, logs, meter):
+            return True
     progress.epoch, progress.consumed = progress.epoch + 1, 0
     if progress.step % cfg.save_every != 0:
         _save_checkpoint(run, progress)
     return False
 
 
-def _micro_batch(run: _Run, progress: _Progress, batch, sync: bool) -> bool:
-    """Forward and (when the loss is finite) backward of one micro-batch; False for a
-    non-finite loss.  ``sync``: the last micro-batch of the step (DDP all-reduces then)."""
-    images, labels, index, flipped = batch
-    device = run.device
-    images = run.precision.memory_format(images.to(device, non_blocking=True))
-    labels = labels.to(device, non_blocking=True)
+def train_step(run: _Run, progress: _Progress, batches: Iterable, stop,
+               meter: Optional["ProgressMeter"] = None) -> StepFlags:
+    """One optimizer step over ``run.acc`` micro-batches (``batches``, loader tuples, consumed
+    one at a time): forward and backward of each, unscale and clip -- all queued on the device
+    --, then ONE host read of the step's flags (``StepGuard.read``: non-finite loss or buffer,
+    gradient overflow, failed input check, stop signal; all ranks agree), then the optimizer
+    step, or the skip: gradients dropped, buffers and journaled rows rolled back, the scale kept
+    (``NonFiniteLossError`` after ``max_nonfinite`` skips in a row).  A gradient overflow is
+    GradScaler's skip: the step counts, the weights stay, the scale backs off.  ``meter`` (when
+    given) gets the loss and head statistics of a kept step, on the device."""
+    guard = run.guard
+    guard.begin()
+    try:
+        with deferred() as checks:
+            loss = None
+            for micro, batch in enumerate(batches):
+                loss = _micro_batch(run, progress, batch, sync=micro == run.acc - 1)
+            run.head.reduce_replicated_grads()
+            found_inf = unscale_gradients(run.scaler, run.optimizer)
+            if run.cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(run.student.parameters(), run.cfg.grad_clip)
+        flags, agreed_found_inf = guard.read(found_inf, checks, stop.signum)
+        if flags.check_failed:
+            checks.raise_first()
+        progress.stopped_by = progress.stopped_by or flags.stop_signal
+        if flags.skip:
+            _skip_step(run, progress, flags)
+            return flags
+        progress.nonfinite_in_row = 0
+        step_scaled(run.scaler, run.optimizer, flags.overflow, agreed_found_inf)
+        run.optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        if meter is not None:
+            meter.add(loss, run.head.stats)
+        return flags
+    finally:
+        guard.end()
+
+
+def _host_labels(run: _Run, index: torch.Tensor) -> np.ndarray:
+    """The global batch's labels on the host (rank order), from the dataset's label table at the
+    batch's ``index`` (which stays on the host): gathered over a gloo group when world > 1."""
+    local = run.dataset.labels[index.numpy()]
+    if run.world == 1:
+        return local
+    mine = torch.from_numpy(np.ascontiguousarray(local))
+    parts = [torch.empty_like(mine) for _ in range(run.world)]
+    dist.all_gather(parts, mine, group=run.label_group)
+    return np.concatenate([part.numpy() for part in parts])
+
+
+def _micro_batch(run: _Run, progress: _Progress, batch, sync: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch, its loss recorded by the step guard (a
+    non-finite loss is backpropagated too: the whole step is dropped after the read).
+    ``sync``: the last micro-batch of the step (DDP all-reduces then).  Returns the loss."""
+    images, labels, index, flipped = batch          # on the device (DeviceBatches)
     for group in run.optimizer.param_groups:
         group["lr"] = run.schedule.lr_at(progress.step)
     embeddings = run.model(images).float()
@@ -316,71 +434,85 @@ def _micro_batch(run: _Run, progress: _Progress, batch, sync: bool) -> bool:
         # index/flipped stay on the host where the loader made them: the cache reads them
         # there (a trip to the GPU and back would stall every step), the hook ignores them
         teacher_emb = run.teacher.teacher_embeddings(images, index, flipped).float()
+    if run.head.wants_host_labels:
+        run.head.use_host_labels(_host_labels(run, index))
     loss = head_loss(run.head, embeddings, labels, teacher_emb, progress.epoch)
-    finite = bool(torch.isfinite(loss).item())
-    if finite:
-        context = nullcontext() if sync or run.world == 1 else run.model.no_sync()
-        with context:
-            run.scaler.scale(loss / run.acc).backward()
-        progress.last_loss = loss.item()
+    run.guard.loss(loss)
+    context = nullcontext() if sync or run.world == 1 else run.model.no_sync()
+    with context:
+        run.scaler.scale(loss / run.acc).backward()
     progress.consumed += run.cfg.batch_size * run.world
-    return finite
+    return loss
 
 
-def _optimizer_step(run: _Run, progress: _Progress, buffers: BufferSnapshot,
-                    bad_loss: bool) -> bool:
-    """The step after the step's micro-batches: skipped (gradients dropped, buffers restored)
-    after a non-finite loss or buffer -- NonFiniteLossError after ``max_nonfinite`` in a row --,
-    otherwise replicated gradients reduced, unscale, clip, step.  True when it stepped."""
+def _skip_step(run: _Run, progress: _Progress, flags: StepFlags) -> None:
+    """Drop a step with a non-finite loss or buffer: gradients, buffers and journaled rows back
+    as before it, the loss scale as it was; NonFiniteLossError after ``max_nonfinite`` in a
+    row."""
     cfg = run.cfg
-    bad_buffer = "" if bad_loss else buffers.first_nonfinite(run.world)
-    if bad_loss or bad_buffer:
-        run.optimizer.zero_grad(set_to_none=True)
-        buffers.restore()   # BatchNorm stats, AdaDistill centers: as before the step
-        progress.nonfinite_in_row += 1
-        progress.skipped_steps += 1
-        LOG.warning("non-finite %s at step %d: step skipped (%d in a row)",
-                    bad_buffer or "loss", progress.step, progress.nonfinite_in_row)
-        if progress.nonfinite_in_row >= cfg.max_nonfinite:
-            raise NonFiniteLossError(
-                f"{progress.nonfinite_in_row} non-finite losses in a row (max_nonfinite="
-                f"{cfg.max_nonfinite}) at step {progress.step}: lower lr, check the data and the "
-                f"teacher checkpoint, or enable fp16=False; resume from "
-                f"{run.checkpoints.newest() or 'scratch (no checkpoint yet)'}")
-        return False
-    progress.nonfinite_in_row = 0
-    run.head.reduce_replicated_grads()
-    # unscale, found-inf agreed by all ranks, clip, step (or skip everywhere), update
-    scaler_step(run.scaler, run.optimizer, run.student.parameters(), cfg.grad_clip)
+    what = "loss"
+    if not flags.bad_loss:
+        what = run.guard.first_nonfinite() or "a buffer on another rank"
     run.optimizer.zero_grad(set_to_none=True)
-    progress.step += 1
-    progress.losses.append(progress.last_loss)
-    return True
+    run.guard.rollback()   # BatchNorm stats, AdaDistill centers: as before the step
+    drop_scaled_step(run.scaler, run.optimizer)
+    progress.nonfinite_in_row += 1
+    progress.skipped_steps += 1
+    LOG.warning("non-finite %s at step %d: step skipped (%d in a row)", what, progress.step,
+                progress.nonfinite_in_row)
+    if progress.nonfinite_in_row >= cfg.max_nonfinite:
+        raise NonFiniteLossError(
+            f"{progress.nonfinite_in_row} non-finite losses in a row (max_nonfinite="
+            f"{cfg.max_nonfinite}) at step {progress.step}: lower lr, check the data and the "
+            f"teacher checkpoint, or enable fp16=False; {_restart_advice(run, progress)}")
 
 
-def _after_step(run: _Run, progress: _Progress, logs: _Logs, stop,
-                meter: "ProgressMeter") -> bool:
-    """Progress line and scalars, verification, stop request, checkpoint.  True when the run is
-    over (its last step, or a stop signal: the step is saved first)."""
+def _restart_advice(run: _Run, progress: _Progress) -> str:
+    """Where to restart a run that blew up.  Not the checkpoint this run resumed from when no
+    newer one was written since (it led straight back here): an earlier one, or --start-over."""
+    newest = run.checkpoints.newest()
+    if newest is None:
+        return "resume from scratch (no checkpoint yet)"
+    if progress.resumed_from is None or os.path.abspath(newest) != \
+            os.path.abspath(progress.resumed_from):
+        return f"resume from {newest}"
+    earlier = run.checkpoints.list()[1:]
+    again = (f"this run resumed from {newest} and failed before its next checkpoint, so "
+             f"resuming it again needs a change (a lower lr)")
+    if earlier:
+        return (f"{again}; to go back further, move {newest} out of "
+                f"{run.checkpoints.root} and --resume takes {earlier[0]}, or pass "
+                f"--start-over to train from scratch")
+    return (f"{again}; no earlier checkpoint is kept (keep_checkpoints="
+            f"{run.checkpoints.keep}): pass --start-over to train from scratch")
+
+
+def _after_step(run: _Run, progress: _Progress, logs: _Logs, meter: "ProgressMeter") -> bool:
+    """Progress line and scalars (the meter's one read), verification, stop request (read with
+    the step's flags), checkpoint.  True when the run is over (its last step, or a stop signal:
+    the step is saved first)."""
     cfg, step = run.cfg, progress.step
-    meter.add(progress.last_loss, run.head.stats)
-    if run.rank == 0 and (step % cfg.frequent == 0 or step == progress.total_steps):
-        _log_progress(run, progress, logs, meter)
+    if step % cfg.frequent == 0 or step == progress.total_steps:
+        scale = run.scaler._get_scale_async() if run.scaler.is_enabled() else None
+        losses, scale_value = meter.flush(scale)
+        progress.losses += losses
+        if run.rank == 0:
+            _log_progress(run, progress, logs, meter, scale_value)
     if logs.verifier is not None and step % cfg.verbose == 0:
         logs.verifier(step, run.student)
-    progress.stopped_by = progress.stopped_by or stop.requested(run.device)
     if progress.stopped_by and step < progress.total_steps:
-        LOG.warning("%s: saving step %d and stopping", stop.name(progress.stopped_by), step)
+        LOG.warning("%s: saving step %d and stopping", StopRequest.name(progress.stopped_by),
+                    step)
         progress.total_steps = step          # saved below, then the run is over
     if step % cfg.save_every == 0 or step >= progress.total_steps:
         _save_checkpoint(run, progress)
     return step >= progress.total_steps
 
 
-def _log_progress(run: _Run, progress: _Progress, logs: _Logs, meter: "ProgressMeter") -> None:
+def _log_progress(run: _Run, progress: _Progress, logs: _Logs, meter: "ProgressMeter",
+                  scale: Optional[float]) -> None:
     """One progress line (arcface_torch's format) and its TensorBoard scalars (rank 0)."""
     step, lr = progress.step, run.schedule.lr_at(progress.step - 1)
-    scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
     text, speed, means = meter.line(step, progress.epoch, lr, scale)
     LOG.info(text)
     for key, value in means.items():
@@ -389,10 +521,11 @@ def _log_progress(run: _Run, progress: _Progress, logs: _Logs, meter: "ProgressM
     logs.writer.add_scalar("train/samples_per_sec", speed, step)
 
 
-def _finish(run: _Run, progress: _Progress, logs: _Logs, stop) -> dict:
+def _finish(run: _Run, progress: _Progress, logs: _Logs, stop, meter: "ProgressMeter") -> dict:
     """The learned classifier (classifier.pt, when the head trains one), the final model's
     verification, the summary."""
     cfg = run.cfg
+    progress.losses += meter.flush()[0]      # steps after the last progress line
     summary = {"steps": progress.step, "loss": progress.last_loss, "losses": progress.losses,
                "skipped_steps": progress.skipped_steps,
                "stopped_by": stop.name(progress.stopped_by)}

@@ -15,6 +15,9 @@ from typing import Any, Dict, Iterable, Mapping, MutableMapping, Tuple
 from .heads import head_names
 from .heads.registry import HeadSpec, on_register
 
+# torch.compile modes config key 'compile' accepts besides False / True (engine/compiled.py)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
 # key -> (default, one-line description)
 DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
     "distill": ("adadistill", "method: " + " | ".join(head_names())),
@@ -32,6 +35,9 @@ DISTILL_DEFAULTS: Dict[str, Tuple[Any, str]] = {
     "amp_dtype": ("auto", "autocast dtype of fp16 / teacher_fp16: auto (float16 + GradScaler on "
                           "GPUs, bfloat16 on CPU) | float16 (+ GradScaler, CPU too) | bfloat16"),
     "channels_last": (None, "channels_last student and batches: None = on GPUs only, True, False"),
+    "compile": (False, "torch.compile the student (train_distill.py): False | True (= 'default') "
+                       "| 'reduce-overhead' (+ CUDA graphs, CUDA only) | "
+                       "'max-autotune-no-cudagraphs' | 'max-autotune' (engine/compiled.py)"),
     "teacher_cache": (None, "folder of a teacher-embedding cache; None runs the teacher online"),
     "teacher_cache_force": (False, "serve a cache whose metadata (teacher, dataset, size) does "
                                    "not match the run, with a warning -- only if you know why"),
@@ -80,14 +86,15 @@ KEY_TYPES: Dict[str, tuple] = {
     "num_classes": _INT, "num_image": _INT, "num_epoch": _INT, "warmup_epoch": _NUM,
     "batch_size": _INT, "embedding_size": _INT, "lr": _NUM, "momentum": _NUM,
     "weight_decay": _NUM, "sample_rate": _NUM, "fp16": _BOOL, "resume": _BOOL,
-    "gradient_acc": _INT, "seed": _INT, "num_workers": _INT, "frequent": _INT, "verbose": _INT,
+    "gradient_acc": _INT, "seed": _INT, "num_workers": (int, str), "frequent": _INT,
+    "verbose": _INT,
     "network": _STR, "optimizer": _STR, "rec": _STR, "output": _OPT_STR, "margin_list": _SEQ,
     "val_targets": _SEQ,
     "lr_reference_batch": (int, type(None)), "warmup_lr": _NUM, "lr_min": _NUM,
     "distill": _STR, "margin_scale": _NUM, "teacher_network": _STR,
     "teacher_checkpoint": _OPT_STR, "teacher_embedding_size": _INT,
     "teacher_classifier": _OPT_STR, "teacher_fp16": _BOOL, "teacher_cache": _OPT_STR,
-    "amp_dtype": _STR, "channels_last": (bool, type(None)),
+    "amp_dtype": _STR, "channels_last": (bool, type(None)), "compile": (bool, str),
     "teacher_cache_force": _BOOL, "flip": _BOOL,
     "lr_schedule": _STR, "lr_steps": _SEQ,
     "grad_clip": _NUM, "nesterov": _BOOL, "save_every": _INT, "keep_checkpoints": _INT,
@@ -108,6 +115,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "lr_schedule": ("polynomial", "step", "cosine"),
     "optimizer": ("sgd", "adamw"),
     "amp_dtype": ("auto", "float16", "bfloat16"),
+    "compile": (False, True) + COMPILE_MODES,
 }
 
 
@@ -178,6 +186,9 @@ def check_types(cfg: Mapping[str, Any], source: str) -> None:
         if key in cfg and cfg[key] not in choices:
             raise ValueError(f"{source}: config key '{key}' must be one of {list(choices)}, "
                              f"got {cfg[key]!r}")
+    if isinstance(cfg.get("num_workers"), str) and cfg["num_workers"] != "auto":
+        raise ValueError(f"{source}: config key 'num_workers' must be an int >= 0 or 'auto', "
+                         f"got {cfg['num_workers']!r}")
     check_onnx_teacher_keys(cfg, source)
 
 

@@ -41,7 +41,7 @@ class FeatureMSEHead(nn.Module):
             local_sum = ((s_hat - t_hat) ** 2).sum()
             with torch.no_grad():
                 count, cos_sum = all_reduce(torch.stack([
-                    torch.tensor(float(student.shape[0]), device=student.device),
+                    torch.full((), float(student.shape[0]), device=student.device),
                     (s_hat * t_hat).sum()]))
             loss = all_reduce_sum_with_grad(local_sum) / count
             self.stats = {"mean_cos_st": cos_sum / count}

@@ -145,8 +145,10 @@ def _kth_largest_key(keys: torch.Tensor, m: int, reduce: _Local) -> torch.Tensor
     """Key of the ``m``-th largest entry of each row of the (sharded) key matrix ``[N, L]``.
 
     Bisection on the key value: the answer is the largest ``t`` with ``#{key >= t} >= m``, counts
-    summed over ranks.  ``lo``/``hi`` are identical on every rank, so every rank runs the same
-    number of rounds.  Returns ``[N]`` int64.
+    summed over ranks.  It runs the number of rounds that closes any interval of the key type
+    (32 for int32 keys, 64 for int64): a converged row stays put (``mid == lo``), so no round
+    needs the host to ask whether all rows have converged -- no host-device synchronisation, and
+    every rank runs the same rounds.  Returns ``[N]`` int64.
     """
     n = keys.shape[0]
     big = torch.iinfo(keys.dtype)
@@ -156,7 +158,7 @@ def _kth_largest_key(keys: torch.Tensor, m: int, reduce: _Local) -> torch.Tensor
         local_lo, local_hi = keys.amin(dim=1), keys.amax(dim=1)
     lo = reduce.min(local_lo.long())             # count(key >= lo) = all classes >= m
     hi = reduce.max(local_hi.long()) + 1         # count(key >= hi) = 0 < m
-    while bool((hi > lo + 1).any()):
+    for _ in range(torch.iinfo(keys.dtype).bits):   # hi - lo <= 2 ** bits at the start
         mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
         count = reduce.sum((keys >= mid.to(keys.dtype)[:, None]).sum(dim=1))
         take = count >= m

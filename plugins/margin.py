@@ -30,6 +30,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from .deferred_checks import require
 from .distributed import all_reduce, all_reduce_sum_with_grad
 
 MARGINS = ("arcface", "cosface")
@@ -86,7 +87,7 @@ def select_classes(local_labels: torch.Tensor, num_local: int, sample_rate: floa
             this rank present in the batch) is kept; the rest of the
             ``max(int(sample_rate * num_local), num_positive)`` kept classes are drawn at random
             with ``torch.rand`` on the labels' device, so the choice is deterministic given
-            torch's RNG state.
+            torch's RNG state.  No host read when ``static_sample_count`` fixes the count.
 
     Returns:
         ``(kept, target_col)``: ``kept`` ``[K]`` sorted local class indices, or ``None`` for "all
@@ -96,13 +97,30 @@ def select_classes(local_labels: torch.Tensor, num_local: int, sample_rate: floa
     mine = (local_labels >= 0) & (local_labels < num_local)
     if sample_rate >= 1.0:
         return None, torch.where(mine, local_labels, torch.full_like(local_labels, -1))
-    positive = torch.unique(local_labels[mine])  # sorted
-    num_sample = max(int(sample_rate * num_local), positive.numel())
-    score = torch.rand(num_local, device=local_labels.device)
-    score[positive] = 2.0  # above any uniform draw: positives always win
+    num_sample = static_sample_count(num_local, sample_rate, local_labels.numel())
+    if num_sample is None:     # the count depends on the labels: read it (a host sync)
+        positive = torch.unique(local_labels[mine])  # sorted
+        num_sample = max(int(sample_rate * num_local), positive.numel())
+        score = torch.rand(num_local, device=local_labels.device)
+        score[positive] = 2.0  # above any uniform draw: positives always win
+    else:                      # every positive fits: mark them without counting them
+        score = torch.rand(num_local, device=local_labels.device)
+        spare = torch.cat([score, score.new_zeros(1)])       # other ranks' labels land here
+        spare.index_fill_(0, torch.where(mine, local_labels, num_local), 2.0)
+        score = spare[:num_local]
     kept = torch.sort(torch.topk(score, k=num_sample).indices).values
     cols = torch.searchsorted(kept, local_labels.clamp(0, max(num_local - 1, 0)))
     return kept, torch.where(mine, cols, torch.full_like(local_labels, -1))
+
+
+def static_sample_count(num_local: int, sample_rate: float, batch: int) -> Optional[int]:
+    """How many classes ``select_classes`` keeps when that does not depend on the labels:
+    ``int(sample_rate * num_local)`` when it can hold every positive of a batch of ``batch``
+    samples (``batch <= int(sample_rate * num_local)``: e.g. 85,742 x 0.3 / 8 ranks = 3,215
+    classes against a global batch of 1,024); None when the labels decide (then
+    ``select_classes`` reads their count from the device)."""
+    count = int(sample_rate * num_local)
+    return count if batch <= count else None
 
 
 def cosine_logits(embeddings: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -140,14 +158,32 @@ def check_batch(embedding_size: int, labels: torch.Tensor, *embeddings: torch.Te
 
 def check_labels_range(labels: torch.Tensor, num_classes: int) -> None:
     """Raise ValueError if a label of the (gathered) batch is outside ``[0, num_classes)``.
-    Costs one device-to-host copy of two scalars."""
+    A ``plugins.deferred_checks.require``: read at once, or with the training step's one host
+    read inside ``deferred()`` (no rank indexes a row outside its own shard meanwhile)."""
     if labels.numel() == 0:
         return
-    low, high = torch.stack([labels.min(), labels.max()]).tolist()
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"labels must be in [0, {num_classes}), found min {low} max {high}; "
-                         f"check num_classes in the config against the dataset (all labels "
-                         f"must lie in [0, {num_classes}))")
+
+    def message() -> str:
+        low, high = torch.stack([labels.min(), labels.max()]).tolist()
+        return (f"labels must be in [0, {num_classes}), found min {low} max {high}; check "
+                f"num_classes in the config against the dataset (all labels must lie in "
+                f"[0, {num_classes}))")
+    require((labels.min() >= 0) & (labels.max() < num_classes), message)
+
+
+def target_mask(target_col: torch.Tensor, width: int) -> torch.Tensor:
+    """Bool ``[N, width]``: True at each sample's target column (``target_col [N]``, ``-1``: the
+    class lives on another rank, an all-False row).  Built without ``nonzero``, so no host read."""
+    return target_col[:, None] == torch.arange(width, device=target_col.device)[None, :]
+
+
+def target_values(x: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
+    """``[N]``: ``x[i, target_col[i]]`` where ``target_col[i] >= 0``, else 0 (gather at a clamped
+    column, then masked: no host read)."""
+    if x.shape[1] == 0:
+        return x.new_zeros(x.shape[0])
+    picked = x.gather(1, target_col.clamp(min=0)[:, None]).squeeze(1)
+    return torch.where(target_col >= 0, picked, torch.zeros_like(picked))
 
 
 class MarginCE(NamedTuple):
@@ -181,17 +217,19 @@ def distributed_margin_cross_entropy(cos: torch.Tensor, target_col: torch.Tensor
     device_type = cos.device.type
     with torch.autocast(device_type=device_type, enabled=False):
         cos = cos.float()
-        rows = torch.nonzero(target_col >= 0).squeeze(1)
-        cols = target_col[rows]
-        cos_target = cos[rows, cols]
+        owned = target_col >= 0
+        # every row's target cosine (0 where another rank owns the class); rows are masked, not
+        # compacted, so no host read of how many rows this rank owns
+        cos_target = target_values(cos, target_col)
         if isinstance(m, torch.Tensor):
             if m.shape != target_col.shape:
                 raise ValueError(f"distributed_margin_cross_entropy: per-sample margins must be "
                                  f"[N] = {list(target_col.shape)}, got {list(m.shape)}")
-            m = m.detach().to(cos.device, cos.dtype)[rows]
+            m = m.detach().to(cos.device, cos.dtype)
         target_logit = s * apply_margin(margin, cos_target, m, straight_through)
-        logits = (s * cos).index_put((rows, cols), target_logit)
-        local_cos = cos.new_zeros(cos.shape[0]).index_put((rows,), cos_target.detach())
+        logits = torch.where(target_mask(target_col, cos.shape[1]), target_logit[:, None],
+                             s * cos)
+        local_cos = torch.where(owned, cos_target.detach(), torch.zeros_like(cos_target))
         loss, cos_sum = sharded_cross_entropy(logits, target_col, extra=local_cos)
         return MarginCE(loss, cos_sum.detach().mean())
 
@@ -216,8 +254,7 @@ def sharded_cross_entropy(logits: torch.Tensor, target_col: torch.Tensor,
     """
     with torch.autocast(device_type=logits.device.type, enabled=False):
         n = logits.shape[0]
-        rows = torch.nonzero(target_col >= 0).squeeze(1)
-        local_target = logits.new_zeros(n).index_put((rows,), logits[rows, target_col[rows]])
+        local_target = target_values(logits, target_col)
         row_max = (logits.detach().max(dim=1).values if logits.shape[1] > 0
                    else logits.new_full((n,), float("-inf")))
         all_reduce(row_max, "max")

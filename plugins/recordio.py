@@ -238,6 +238,17 @@ class RecordReader:
             return int(self._sorted_offsets[pos])
         return None
 
+    def offsets_of(self, keys: np.ndarray) -> np.ndarray:
+        """``[N]`` int64 byte offsets of ``keys [N]`` (vectorised ``offset``; KeyError naming
+        the first key the index lacks)."""
+        keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        pos = np.minimum(np.searchsorted(self._sorted_keys, keys), max(len(self) - 1, 0))
+        missing = np.flatnonzero(self._sorted_keys[pos] != keys) if len(self) else \
+            np.arange(keys.size)
+        if missing.size:
+            self.offset(int(keys[missing[0]]))          # raises the KeyError
+        return self._sorted_offsets[pos].copy() if len(self) else np.zeros(0, np.int64)
+
     def offset(self, key: int) -> int:
         """Byte offset of ``key``'s record in the ``.rec`` file (KeyError if not indexed)."""
         off = self._find(int(key))

@@ -102,7 +102,6 @@ def _first_step_gradients(rank, world, fork, root, methods, scale):
     gradient each run passes to clip_grad_norm_ (after DDP's reduction)."""
     os.chdir(fork)
     sys.path.insert(0, fork)
-    import plugins.builders
     import plugins.fork_loop
     import partial_fc_v2
     table = torch.load(os.path.join(root, "table.pt"), weights_only=True)
@@ -115,14 +114,14 @@ def _first_step_gradients(rank, world, fork, root, methods, scale):
                     weight.copy_(table[part.class_start:part.class_start + part.num_local])
         return module
 
-    plain_init, plain_build = partial_fc_v2.PartialFC_V2.__init__, plugins.builders.build_head
+    plain_init, plain_build = partial_fc_v2.PartialFC_V2.__init__, plugins.fork_loop.build_fork_head
 
     def init(self, *args, **kwargs):
         plain_init(self, *args, **kwargs)
         same_table(self)
 
     partial_fc_v2.PartialFC_V2.__init__ = init
-    plugins.builders.build_head = lambda *a, **k: same_table(plain_build(*a, **k))
+    plugins.fork_loop.build_fork_head = lambda *a, **k: same_table(plain_build(*a, **k))
     if not scale:
         plugins.fork_loop.undo_ddp_average = lambda embeddings, model: embeddings
     captured = {}

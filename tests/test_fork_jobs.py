@@ -1,5 +1,6 @@
 """Every shipped job config starts in a fork's patched train_v2.py; what that loop cannot honour
-is said by name at start-up; a fork's own job is left exactly as the fork runs it.
+is said by name at start-up, the recipe keys a job sets are in its config dump; a fork's own job
+is left exactly as the fork runs it (same dump, same losses, same lr curve).
 
 The fork is the stand-in of upstream arcface_torch (tests/upstream_standin.py), patched by
 patches/patch_train_v2.py.  Each shipped ``configs/<job>.py`` (found by glob, so configs added
@@ -88,8 +89,8 @@ config.margin_list = (1.0, 0.3, 0.2)   # a combined margin: fine for PartialFC_V
 config.rec = {rec!r}
 config.num_classes = 16
 config.num_image = {num_image}
-config.num_epoch = 1
-config.warmup_epoch = 0
+config.num_epoch = 2
+config.warmup_epoch = 1
 config.batch_size = {batch}
 config.output = {output!r}
 '''
@@ -165,10 +166,11 @@ def test_jobs_are_found():
 @pytest.mark.parametrize("job", JOBS)
 def test_shipped_job_starts_in_the_patched_loop(shipped_runs, job):
     from plugins.fork_loop import FORK_MARGIN_SCALE, NOT_HONOURED
+    from plugins.fork_recipe import RECIPE_KEYS
     run = shipped_runs["train_v2.py:shrunk_" + job]
     values = job_values(job)
     assert "Traceback" not in run, run
-    steps = re.findall(r"step (\d+) epoch 0 loss (\S+) head (\w+)", run)
+    steps = re.findall(r"step (\d+) epoch 0 loss (\S+) lr \S+ head (\w+)", run)
     assert [s[0] for s in steps] == ["1", "2"], run   # 8 images, global batch 4
     assert all(float(s[1]) == float(s[1]) and float(s[1]) > 0 for s in steps), steps
     method = values.get("distill", "adadistill")
@@ -182,12 +184,16 @@ def test_shipped_job_starts_in_the_patched_loop(shipped_runs, job):
     if method == "none" and float(values.get("margin_scale", 64.0)) != FORK_MARGIN_SCALE:
         expected.add("margin_scale")
     assert sorted(k for k, _ in warned) == sorted(expected), run
-    if values.get("lr_schedule", "polynomial") != "polynomial":
-        assert "lr_schedule" in dict(warned)
-    # the dump shows only what is in effect: none of the keys the loop ignores
+    # the dump shows only what is in effect: none of the keys the loop ignores, and exactly the
+    # recipe keys the job sets (honoured); the others follow the fork
     dump = fork_dump(run)
     assert dump["network"] == values["network"] and dump["distill"] == method
     assert not set(NOT_HONOURED) & set(dump), sorted(set(NOT_HONOURED) & set(dump))
+    assert {key for key in RECIPE_KEYS if key in dump} == \
+        {key for key in RECIPE_KEYS if key in values}, job
+    if "lr_schedule" in values:
+        assert dump["lr_schedule"] == values["lr_schedule"]
+        assert f"lr schedule: the job's '{values['lr_schedule']}' (as train_distill.py)" in run
 
 
 def test_a_forks_own_job_dumps_and_trains_as_unpatched(shipped_runs):
@@ -195,9 +201,12 @@ def test_a_forks_own_job_dumps_and_trains_as_unpatched(shipped_runs):
     assert "Traceback" not in original + patched, original + patched
     assert fork_dump(patched) == fork_dump(original) and "network" in fork_dump(original)
     assert "distill" not in fork_dump(patched) and "not honoured" not in patched
-    losses = [re.findall(r"step \d+ epoch 0 loss \S+ head \w+", text)
-              for text in (original, patched)]
-    assert losses[0] == losses[1] and len(losses[0]) == 2
+    # the same losses and the same lr curve (the fork's PolynomialLRWarmup) line by line
+    steps = [re.findall(r"step \d+ epoch \d+ loss \S+ lr \S+ head \w+", text)
+             for text in (original, patched)]
+    assert steps[0] == steps[1] and len(steps[0]) == 4
+    lrs = [float(line.split(" lr ")[1].split()[0]) for line in steps[0]]
+    assert len(set(lrs)) > 2          # warm-up then decay: the curve is not flat
 
 
 # ------------------------------------------------------------------ start-up checks, in process
@@ -220,19 +229,13 @@ def test_a_job_without_distill_is_not_touched():
 
 
 @pytest.mark.parametrize("key, value, says", [
-    ("lr_schedule", "step", "polynomial decay with warm-up"),
-    ("lr_schedule", "cosine", "polynomial decay with warm-up"),
-    ("lr_steps", [8, 14], "no step decay"),
-    ("nesterov", True, "SGD without Nesterov"),
-    ("grad_clip", 0.0, "gradient norm 5"),
-    ("grad_clip", 1.0, "gradient norm 5"),
     ("max_steps", 10, "num_epoch full epochs"),
-    ("flip", False, "random horizontal flip"),
     ("save_every", 100, "each epoch end"),
     ("keep_checkpoints", 3, "checkpoints"),
     ("max_nonfinite", 5, "non-finite"),
     ("skip_bad_records", True, "a bad record fails"),
-    ("teacher_cache_force", True, "no teacher cache"),
+    ("amp_dtype", "bfloat16", "float16 autocast on GPUs"),
+    ("channels_last", True, "memory format"),
     ("margin_scale", 32.0, "PartialFC_V2 margin scale"),
 ])
 def test_each_key_the_loop_ignores_is_warned_by_name(caplog, key, value, says):
@@ -249,9 +252,11 @@ def test_each_key_the_loop_ignores_is_warned_by_name(caplog, key, value, says):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("lr_schedule", "polynomial"), ("nesterov", False), ("grad_clip", 5.0), ("grad_clip", 5),
-    ("max_steps", None), ("flip", True), ("skip_bad_records", False), ("margin_scale", 64.0)])
-def test_values_the_loop_gives_anyway_are_not_warned(caplog, key, value):
+    ("lr_schedule", "cosine"), ("nesterov", True), ("grad_clip", 0.0), ("lr_reference_batch", 512),
+    ("flip", False), ("teacher_cache_force", True), ("max_steps", None),
+    ("skip_bad_records", False), ("amp_dtype", "auto"), ("channels_last", False),
+    ("margin_scale", 64.0)])
+def test_honoured_keys_and_values_the_loop_gives_anyway_are_not_warned(caplog, key, value):
     from plugins.fork_loop import prepare_fork_config
     with caplog.at_level(logging.WARNING, logger="kdface.fork_loop"):
         prepare_fork_config(distill_cfg(**{key: value}))
@@ -279,11 +284,14 @@ def test_grad_reduction_is_refused_everywhere(tmp_path):
         get_config("configs/job", root=str(tmp_path))
 
 
-def test_a_teacher_cache_is_refused():
+def test_recipe_keys_stay_when_the_job_sets_them_and_leave_when_not():
     from plugins.fork_loop import prepare_fork_config
-    with pytest.raises(ValueError, match="config key 'teacher_cache' is set, but a patched "
-                                         "train_v2.py runs the teacher online"):
-        prepare_fork_config(distill_cfg(teacher_cache="cache_dir"))
+    from plugins.fork_recipe import RECIPE_KEYS
+    cfg = distill_cfg(lr_schedule="step", grad_clip=0.0)
+    prepare_fork_config(cfg)
+    assert (cfg.lr_schedule, cfg.grad_clip) == ("step", 0.0)
+    assert not {key for key in RECIPE_KEYS if key in cfg} - {"lr_schedule", "grad_clip"}
+    assert cfg.flip is True and cfg.teacher_cache is None      # honoured, in the dump
 
 
 def test_student_names_resolve_fork_first_then_ours(monkeypatch):

@@ -28,7 +28,9 @@ def _run_script(argv, cwd, stdout, stderr):
 
 def test_cpu_quick_mode_passes_every_stage(tmp_path):
     """The script as run from a shell, in a process forked from the test harness's forkserver
-    (torch already imported there) instead of a new interpreter."""
+    (torch already imported there) instead of a new interpreter.  Its runs span several epochs
+    (16 images, batches of 8, 6 steps), so the trainer's epoch-end checkpoints and its keeping
+    only the two newest are part of what passes."""
     from tests.distributed_harness import start_process
     work = tmp_path / "acceptance"
     stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
@@ -47,7 +49,10 @@ def test_cpu_quick_mode_passes_every_stage(tmp_path):
     for run in ("adadistill", "gkd"):
         log = (work / "runs" / run / "training.log").read_text()
         assert "student trunk float16 + GradScaler('cpu'), channels_last True" in log
-        assert "Fp16 Grad Scale" in log and "step_000000002 (epoch 0, step 2" in log
+        assert "Fp16 Grad Scale" in log and "step_000000003 (epoch 1, step 3" in log
+        assert "Epoch: 2   Global Step: 6" in log              # the third epoch reached
+    checkpoints = sorted(os.listdir(work / "runs" / "cached" / "checkpoints"))
+    assert checkpoints == ["step_000000004", "step_000000006"]    # step 3 (the half) is gone
     assert (work / "teacher_cache" / "meta.json").is_file()
     assert (work / "results" / "acceptance" / "ijbc.json").is_file()
     assert (work / "student.onnx").is_file()

@@ -183,7 +183,13 @@ def test_install_copies_everything_and_keeps_the_forks_files(tmp_path):
         assert f"copied     {rel}" in report
     assert "refused    patches/README.md: the fork has its own file" in report
     assert "kept       configs/__init__.py" in report
-    assert "configs/base.py" not in report  # never part of the plan
+    assert "copied     configs/base.py" not in report  # the fork's own base stays
+    # what train_distill.py reads and the fork's base lacks: a file of ours, listed
+    assert "copied     configs/kdface_base.py (base keys of ours the fork's configs/base.py " \
+        "lacks: dali_aug, suffix_run_name, wandb_entity, wandb_project, wandb_log_all, " \
+        "save_artifacts, wandb_resume, notes; train_distill.py merges them" in report
+    assert before["configs/base.py"] == after["configs/base.py"]
+    assert "fork: no train_v2.py / train.py recognised; train with train_distill.py" in report
     if os.path.isfile(os.path.join(REPO, "eval", "verification.py")):
         assert "refused    eval/verification.py" in report
     copied, same, refused = summary(report)
@@ -230,14 +236,18 @@ def test_essential_collision_refuses_and_writes_nothing(tmp_path):
 
 def test_target_must_look_like_arcface_torch(tmp_path, capsys):
     assert installer.main([str(tmp_path)]) == 2
-    assert "does not look like arcface_torch: it has neither train_v2.py nor both configs/ " \
-           "and backbones/" in capsys.readouterr().err
+    assert "does not look like arcface_torch: it has neither train_v2.py / train.py nor " \
+           "backbones/ with configs/ (or config.py)" in capsys.readouterr().err
     assert installer.main([str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
     assert installer.main([REPO]) == 2
     assert "is this toolkit itself" in capsys.readouterr().err
     (tmp_path / "train_v2.py").write_text("# a fork with only its script\n")
     installer.check_target(str(tmp_path))  # accepted: train_v2.py alone is enough
+    os.remove(tmp_path / "train_v2.py")
+    (tmp_path / "backbones").mkdir()
+    (tmp_path / "config.py").write_text("# 2021-03 .. 2021-06: config.py at the root\n")
+    installer.check_target(str(tmp_path))  # accepted: the old layout
 
 
 # ---------------------------------------------------------------- the fork workflow, end to end
@@ -349,9 +359,12 @@ def test_job_configs_load_with_the_forks_loader_and_ours(installed_fork):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sorted(result["jobs"]) == sorted(jobs)
+    supplement = installer.base_keys(os.path.join(fork, "configs", "kdface_base.py"))
     for job, found in result["jobs"].items():
+        # ours has only what configs/kdface_base.py adds under the fork's base
+        assert set(found.pop("only_ours")) <= set(supplement), job
         assert found == {"missing_job_keys": [], "fork_option": 7, "differ": [],
-                         "only_ours": [], "distill_keys": []}, job
+                         "distill_keys": []}, job
     # the fork's network as the teacher gives the fork model's own eval-mode output
     assert result["teacher_type"] == "ForkNet"
     assert result["teacher_max_diff"] <= 1e-6

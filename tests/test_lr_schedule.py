@@ -8,7 +8,7 @@ import os
 import pytest
 
 from engine.config import get_config
-from engine.lr_schedule import LRSchedule, batch_scale, describe_scaling, run_schedule
+from plugins.lr_schedule import LRSchedule, batch_scale, describe_scaling, run_schedule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

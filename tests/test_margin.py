@@ -101,3 +101,23 @@ def test_argument_and_batch_checks():
     with pytest.raises(ValueError, match=r"labels must be in \[0, 10\), found min 0 max 10"):
         check_labels_range(torch.tensor([0, 10]), 10)
     check_labels_range(torch.tensor([0, 9]), 10)
+
+
+def test_static_sample_count_keeps_the_same_classes_without_a_host_read(monkeypatch):
+    """When int(sample_rate * num_local) can hold every positive of the batch, select_classes
+    marks the positives without counting them (no host read): the same kept classes and columns
+    as the counting path, for the same RNG state."""
+    import plugins.margin as margin
+    assert margin.static_sample_count(3215, 1.0, 1024) == 3215
+    assert margin.static_sample_count(100, 0.3, 31) is None        # 30 < 31 possible positives
+    g = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        local = torch.randint(-30, 60, (12,), generator=g)          # outside [0, 40): other ranks
+        torch.manual_seed(trial)
+        static = select_classes(local, 40, 0.5)                      # 20 >= 12: static
+        monkeypatch.setattr(margin, "static_sample_count", lambda *a: None)
+        torch.manual_seed(trial)
+        counted = select_classes(local, 40, 0.5)
+        monkeypatch.undo()
+        assert torch.equal(static[0], counted[0]) and torch.equal(static[1], counted[1])
+        assert static[0].numel() == 20

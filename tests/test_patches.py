@@ -242,16 +242,16 @@ def block_of(text: str, needle: str) -> str:
 
 def test_patch_places_every_change_by_meaning():
     out = patcher.patch_source(TRAIN_V2)
-    assert out.count("# >>> kdface distill") == out.count("# <<< kdface distill") == 7
-    assert block_of(out, "from plugins.builders") == (
+    assert out.count("# >>> kdface distill") == out.count("# <<< kdface distill") == 12
+    assert block_of(out, "from plugins.fork_loop") == (
         "# >>> kdface distill\n"
-        "from plugins.builders import build_head\n"
-        "from plugins.fork_loop import (build_fork_teacher, distill_method, fork_head_loss, "
-        "model_builder,\n"
-        "                               prepare_fork_config)\n"
+        "from plugins.fork_data import keyed_loader\n"
+        "from plugins.fork_loop import (build_fork_head, build_fork_teacher, distill_method,\n"
+        "                               fork_head_loss, model_builder, prepare_fork_config)\n"
+        "from plugins.fork_recipe import grad_clipper, recipe_scheduler\n"
         "# <<< kdface distill\n")
     # right after the last import, before the process-group block
-    assert "import setup_seed\n# >>> kdface distill\nfrom plugins.builders" in out
+    assert "import setup_seed\n# >>> kdface distill\nfrom plugins.fork_data" in out
     config = block_of(out, "prepare_fork_config(cfg)")
     assert out.index("    cfg = get_config(args.config)\n") + len(
         "    cfg = get_config(args.config)\n") == out.index(config)
@@ -268,14 +268,40 @@ def test_patch_places_every_change_by_meaning():
         ".to(device)\n"
         "    # <<< kdface distill\n")
     # both optimizer branches: the construction is kept verbatim for "none"
-    assert out.count("module_partial_fc = build_head(cfg) if distill_method(cfg) != \"none\" "
-                     "else PartialFC_V2(\n            margin_loss, cfg.embedding_size, "
+    assert out.count("module_partial_fc = build_fork_head(cfg) if distill_method(cfg) != "
+                     "\"none\" else PartialFC_V2(\n            margin_loss, cfg.embedding_size, "
                      "cfg.num_classes,\n            cfg.sample_rate, cfg.fp16)\n") == 2
     assert out.count("        module_partial_fc.train().to(device)\n") == 2  # untouched
+    # the loader the loop iterates is keyed; the loop unpacks the sample keys
+    assert block_of(out, "keyed_loader(cfg,") == (
+        "    # >>> kdface distill: replaces the statement kept below as #| comments\n"
+        "    #| train_loader = get_dataloader(\n"
+        "    #|     cfg.rec, args.local_rank, cfg.batch_size, cfg.seed, cfg.num_workers)\n"
+        "    train_loader = keyed_loader(cfg, get_dataloader(\n"
+        "        cfg.rec, args.local_rank, cfg.batch_size, cfg.seed, cfg.num_workers))\n"
+        "    # <<< kdface distill\n")
+    assert block_of(out, "*sample_keys") == (
+        "        # >>> kdface distill: replaces the statement kept below as #| comments\n"
+        "        #| for _, (img, local_labels) in enumerate(train_loader):\n"
+        "        for _, (img, local_labels, *sample_keys) in enumerate(train_loader):\n"
+        "        # <<< kdface distill\n")
+    # the scheduler: the job's schedule, or the fork's construction kept verbatim
+    assert block_of(out, "recipe_scheduler(cfg") == (
+        "    # >>> kdface distill: replaces the statement kept below as #| comments\n"
+        "    #| lr_scheduler = PolyScheduler(\n"
+        "    #|     optimizer=opt, base_lr=cfg.lr, max_steps=cfg.total_step,\n"
+        "    #|     warmup_steps=cfg.warmup_step, last_epoch=-1)\n"
+        "    lr_scheduler = recipe_scheduler(cfg, opt, train_loader) or PolyScheduler(\n"
+        "        optimizer=opt, base_lr=cfg.lr, max_steps=cfg.total_step,\n"
+        "        warmup_steps=cfg.warmup_step, last_epoch=-1)\n"
+        "    # <<< kdface distill\n")
+    # both clip calls (fp16 and fp32 branches) through the job's grad_clip
+    assert out.count("                grad_clipper(cfg, torch.nn.utils.clip_grad_norm_)("
+                     "backbone.parameters(), 5)\n") == 2
     teacher = block_of(out, "build_fork_teacher(cfg")
     assert teacher == (
         "    # >>> kdface distill\n"
-        "    teacher = build_fork_teacher(cfg, backbone)\n"
+        "    teacher = build_fork_teacher(cfg, backbone, train_loader)\n"
         "    # <<< kdface distill\n")
     assert out.index(teacher) + len(teacher) == out.index(
         "    for epoch in range(start_epoch, cfg.num_epoch):")
@@ -285,7 +311,7 @@ def test_patch_places_every_change_by_meaning():
         "            #| loss: torch.Tensor = module_partial_fc(local_embeddings, local_labels)\n"
         "            loss: torch.Tensor = fork_head_loss(\n"
         "                module_partial_fc, cfg, backbone, teacher, img, local_embeddings,\n"
-        "                local_labels, epoch)\n"
+        "                local_labels, epoch, sample_keys)\n"
         "            # <<< kdface distill\n")
 
 
@@ -307,12 +333,15 @@ def test_patch_follows_the_forks_names_and_chaining():
     fork = renamed.replace(two_statements, chained)
     assert fork != renamed
     out = patcher.patch_source(fork)
-    assert ('        pfc = (build_head(conf) if distill_method(conf) != "none" else PartialFC_V2('
-            'margin_loss, conf.embedding_size, conf.num_classes)).train().cuda()\n') in out
-    assert "    teacher = build_fork_teacher(conf, net)\n" in out
+    assert ('        pfc = (build_fork_head(conf) if distill_method(conf) != "none" else '
+            'PartialFC_V2(margin_loss, conf.embedding_size, conf.num_classes)).train().cuda()\n'
+            ) in out
+    assert "    teacher = build_fork_teacher(conf, net, train_loader)\n" in out
     assert "    net = model_builder(conf, get_model)(\n" in out
     assert "fork_head_loss(\n                pfc, conf, net, teacher, batch, feats,\n" \
-           "                ids, ep)\n" in out
+           "                ids, ep, sample_keys)\n" in out
+    assert "        for _, (batch, ids, *sample_keys) in enumerate(train_loader):\n" in out
+    assert "grad_clipper(conf, torch.nn.utils.clip_grad_norm_)(net.parameters(), 5)" in out
     assert "    prepare_fork_config(conf)  #" in out
     # a module-qualified builder keeps its qualification
     qualified = patcher.patch_source(fork.replace("    net = get_model(", "    net = backbones.get_model("))
@@ -347,10 +376,21 @@ def test_damaged_markers_are_refused():
 
 @pytest.mark.parametrize("key, change, detail", [
     ("config", ("cfg = get_config(args.config)", "cfg = load_settings(args.config)"), ""),
-    ("head", ("PartialFC_V2(\n", "PartialFC(\n"), ""),
+    ("head", ("PartialFC_V2(\n", "FullFC(\n"), ""),
+    ("loader", ("for _, (img, local_labels) in enumerate(train_loader):",
+                "for _, (img, local_labels) in enumerate(get_dataloader(cfg.rec, 0, 8, 0, 0)):"),
+     "the loop at line"),
+    ("loader", ("for _, (img, local_labels) in enumerate(train_loader):",
+                "for _, batch in enumerate(train_loader):\n"
+                "            img, local_labels = batch"),
+     "does not unpack img / local_labels as a tuple of names"),
+    ("scheduler", ("    lr_scheduler = PolyScheduler(\n", "    lr_scheduler = make_schedule(\n"), ""),
+    ("clip", ("torch.nn.utils.clip_grad_norm_(backbone.parameters(), 5)", "pass"),
+     "none in the loop at line"),
     ("loss", ("loss: torch.Tensor = module_partial_fc(local_embeddings, local_labels)",
               "loss = module_partial_fc(local_embeddings, local_labels, global_step)"),
-     "calls it with other arguments than (embeddings, labels)"),
+     "calls it with other arguments than (embeddings, labels) or (embeddings, labels, "
+     "<optimizer>)"),
     ("loss", ("local_embeddings = backbone(img)\n", "pass\n"),
      "no `local_embeddings = <backbone>(<img>)` before line"),
     ("loss", ("for epoch in range(start_epoch, cfg.num_epoch):",
@@ -525,11 +565,9 @@ def patched_fork(tmp_path_factory):
     assert os.path.isfile(os.path.join(fork, "plugins", "fork_loop.py"))
     assert patcher.main([os.path.join(fork, "train_v2.py")]) == 0
     setup = tiny_training_setup(root)
-    for name, distill, cache in (("kd_adadistill", "adadistill", None),
-                                 ("kd_cached", "adadistill", os.path.join(root, "cache"))):
-        with open(os.path.join(fork, "configs", name + ".py"), "w") as handle:
-            handle.write(TINY_JOB.format(distill=distill, cache=cache,
-                                         output=os.path.join(root, name), **setup))
+    with open(os.path.join(fork, "configs", "kd_adadistill.py"), "w") as handle:
+        handle.write(TINY_JOB.format(distill="adadistill", cache=None,
+                                     output=os.path.join(root, "kd_adadistill"), **setup))
     with open(os.path.join(fork, "configs", "fork_own_job.py"), "w") as handle:
         handle.write(FORK_JOB.format(rec=setup["rec"], output=os.path.join(root, "fork_own_job")))
     os.replace(os.path.join(fork, "train_v2.py.orig"), os.path.join(fork, "train_v2_original.py"))
@@ -538,7 +576,8 @@ def patched_fork(tmp_path_factory):
 
 def first_step_loss(fork: str, job: str) -> float:
     """The first loss the patched script must log, recomputed here from the same seed, data,
-    networks and head: ``head(tiny_s(img), labels, teacher=tiny_t(img))``."""
+    networks and head: ``head(tiny_s(img), labels, teacher=tiny_t(img))`` -- the images mirrored
+    as train_distill.py's dataset mirrors them in epoch 0 (the keyed loader's flips)."""
     import torch
     from engine.config import get_config
     from data.dataset import FaceRecordDataset
@@ -549,7 +588,9 @@ def first_step_loss(fork: str, job: str) -> float:
     student = get_model("tiny_s", dropout=0.0, fp16=False, num_features=64).train()
     head = build_head(cfg).train()
     teacher = build_teacher_source(cfg, device=torch.device("cpu"))
-    records = FaceRecordDataset(cfg.rec, flip=False)
+    records = FaceRecordDataset(cfg.rec, flip=True, seed=cfg.seed)
+    records.set_epoch(0)
+    assert any(records[i][3] for i in range(cfg.batch_size))      # some of them mirrored
     img = torch.stack([records[i][0] for i in range(cfg.batch_size)])
     labels = torch.stack([records[i][1] for i in range(cfg.batch_size)])
     with torch.no_grad():
@@ -578,24 +619,23 @@ for script, config in zip(sys.argv[1::2], sys.argv[2::2]):
 @pytest.fixture(scope="module")
 def fork_runs(patched_fork):
     """The stderr of each run, all in one process: the fork's own job under the original and
-    the patched script, the cached job (refused), then the distillation job."""
+    the patched script, then the distillation job."""
     fork, _ = patched_fork
     with open(os.path.join(fork, "run_scripts.py"), "w") as handle:
         handle.write(RUN_SCRIPTS)
     proc = subprocess.run([PYTHON, "run_scripts.py", "train_v2_original.py",
                            "configs/fork_own_job", "train_v2.py", "configs/fork_own_job",
-                           "train_v2.py", "configs/kd_cached", "train_v2.py",
-                           "configs/kd_adadistill"],
+                           "train_v2.py", "configs/kd_adadistill"],
                           cwd=fork, env=fork_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     runs = proc.stderr.split("=== run ")[1:]
-    assert len(runs) == 4, proc.stderr
+    assert len(runs) == 3, proc.stderr
     return runs
 
 
 def test_patched_train_v2_distills_on_cpu(patched_fork, fork_runs):
     fork, root = patched_fork
-    run = fork_runs[3]                            # train_v2.py configs/kd_adadistill
+    run = fork_runs[2]                            # train_v2.py configs/kd_adadistill
     assert "Traceback" not in run, run
     steps = re.findall(r"step (\d+) epoch 0 loss (\S+) head (\w+)", run)
     assert [s[0] for s in steps] == ["1", "2"]  # 16 images / batch 8, one epoch
@@ -608,16 +648,10 @@ def test_patched_train_v2_distills_on_cpu(patched_fork, fork_runs):
     assert tuple(state["fc.weight"].shape) == (64, 96 * 7 * 7)  # tiny_s, from the fork's get_model
 
 
-def test_patched_train_v2_keeps_the_forks_jobs_and_refuses_a_cache(fork_runs):
-    runs = fork_runs
+def test_patched_train_v2_keeps_the_forks_jobs(fork_runs):
     original, patched = (re.findall(r"step \d+ epoch 0 loss \S+ head \w+", run)
-                         for run in runs[:2])
+                         for run in fork_runs[:2])
     # the fork's own job (no distill key, a combined margin our heads refuse) trains as before
     assert len(original) == 2 and all(line.endswith("head PartialFC_V2") for line in original)
-    assert "Traceback" not in runs[1]
+    assert "Traceback" not in fork_runs[1]
     assert patched == original  # same seed, same data: bit-identical losses
-    # a teacher cache cannot serve a loader without sample indices: refused at start-up
-    assert "ValueError: config key 'teacher_cache' is set, but a patched train_v2.py runs the " \
-           "teacher online" in runs[2]
-    assert "set teacher_cache = None, or train with train_distill.py" in runs[2]
-    assert "step 1" not in runs[2]

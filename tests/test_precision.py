@@ -13,7 +13,9 @@ from torch import nn
 
 from data.dataset import (FaceRecordDataset, ResumableDistributedSampler, can_pin_memory,
                           make_loader)
-from engine.precision import AMP_DTYPES, precision_plan, scaler_step, share_found_inf
+from engine.precision import (AMP_DTYPES, drop_scaled_step, precision_plan, step_scaled,
+                              unscale_gradients)
+from engine.step_guard import StepGuard
 from plugins.backbones import get_model
 from plugins.teacher import TeacherHook, build_teacher
 from tests.distributed_harness import run_distributed
@@ -107,26 +109,53 @@ def test_float16_channels_last_student_on_cpu_matches_fp32():
     torch.testing.assert_close(last(batch), plain(x), rtol=1e-4, atol=1e-5)
 
 
+def _scaled_step(scaler, opt, guard, clip_params, clip):
+    """The trainer's step after the backward (engine.trainer.train_step): unscale, clip, the one
+    read of the flags (all ranks agreeing when the guard's world > 1), step or skip."""
+    found = unscale_gradients(scaler, opt)
+    if clip > 0:
+        nn.utils.clip_grad_norm_(clip_params, clip)
+    flags, agreed = guard.read(found, None, 0)
+    if flags.skip:
+        drop_scaled_step(scaler, opt)
+        return False
+    return step_scaled(scaler, opt, flags.overflow, agreed)
+
+
 def test_single_process_scaler_step_skips_on_overflow_and_backs_off():
     plan = precision_plan("cpu", CPU_GPU_RECIPE)
     model = nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = plan.grad_scaler(init_scale=8.0, growth_interval=1000)
+    guard = StepGuard(model, nn.Module(), torch.device("cpu"), 1)
     scaler.scale(model(torch.ones(1, 3)).sum()).backward()
     before = copy.deepcopy(model.state_dict())
     model.weight.grad[0, 0] = float("inf")
-    assert scaler_step(scaler, opt, model.parameters(), 5.0) is False
+    assert _scaled_step(scaler, opt, guard, model.parameters(), 5.0) is False
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert scaler.get_scale() == 4.0
     opt.zero_grad()
     scaler.scale(model(torch.ones(1, 3)).sum()).backward()
-    assert scaler_step(scaler, opt, model.parameters(), 0.0) is True
+    assert _scaled_step(scaler, opt, guard, model.parameters(), 0.0) is True
     # the unscaled gradient of sum(W x + b) with x = 1: every weight moves by -lr * 1
     torch.testing.assert_close(model.weight, before["weight"] - 0.1)
-    with pytest.raises(RuntimeError, match="unscale_"):
-        share_found_inf(plan.grad_scaler(), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert scaler.state_dict()["_growth_tracker"] == 1       # GradScaler's own bookkeeping
+    # a non-finite LOSS: the step is dropped and the scale stays (no back-off, tracker kept)
+    opt.zero_grad()
+    guard.begin()
+    loss = model(torch.ones(1, 3)).sum() * float("nan")
+    guard.loss(loss)
+    scaler.scale(loss).backward()
+    at = copy.deepcopy(model.state_dict())
+    assert _scaled_step(scaler, opt, guard, model.parameters(), 5.0) is False
+    assert all(torch.equal(at[k], v) for k, v in model.state_dict().items())
+    assert scaler.get_scale() == 4.0 and scaler.state_dict()["_growth_tracker"] == 1
+    guard.end()
+    opt.zero_grad()           # the scaler accepts the next step (its record was dropped)
+    scaler.scale(model(torch.ones(1, 3)).sum()).backward()
+    assert _scaled_step(scaler, opt, guard, model.parameters(), 0.0) is True
     disabled = precision_plan("cpu", {"fp16": False}).grad_scaler()
-    assert share_found_inf(disabled, opt) is False
+    assert unscale_gradients(disabled, opt) is None
 
 
 # ------------------------------------------------------------------ two ranks, one overflows
@@ -151,9 +180,8 @@ def _fp16_steps(rank, world, share):
     params = list(student.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     scaler = plan.grad_scaler(init_scale=256.0, growth_interval=1000)
-    if not share:   # what the loop did before the found-inf all-reduce existed: per-rank decision
-        precision.share_found_inf = lambda s, o: bool(
-            sum(v.item() for v in s._per_optimizer_states[id(o)]["found_inf_per_device"].values()))
+    # share=False: what the loop did before the found-inf all-reduce existed (per-rank decision)
+    guard = StepGuard(student, head, torch.device("cpu"), world if share else 1)
     g = torch.Generator().manual_seed(100 + rank)
     records = []
     for step in range(STEPS):
@@ -164,7 +192,7 @@ def _fp16_steps(rank, world, share):
         if rank == 1 and step == OVERFLOW_STEP:
             head.weight.grad[0, 0] = float("inf")
         before = [p.detach().clone() for p in params]
-        stepped = precision.scaler_step(scaler, opt, student.parameters(), 5.0)
+        stepped = _scaled_step(scaler, opt, guard, student.parameters(), 5.0)
         opt.zero_grad(set_to_none=True)
         moved = [not torch.equal(b, p) for b, p in zip(before, params)]
         records.append({"stepped": stepped, "scale": scaler.get_scale(), "loss": loss.item(),

@@ -166,6 +166,16 @@ def test_bad_magic_word(tmp_path):
     assert labels[0] == 1.0 and np.isnan(labels[1]) and "bad magic word" in problems[1]
 
 
+@pytest.mark.parametrize("name", SETS)
+def test_offsets_of_many_keys_equal_offset_of_each(name):
+    reader = _reader(name)
+    keys = np.array(reader.keys[::-1] + reader.keys[:2])
+    assert reader.offsets_of(keys).tolist() == [reader.offset(int(k)) for k in keys]
+    assert reader.offsets_of(np.zeros(0, np.int64)).shape == (0,)
+    with pytest.raises(KeyError, match=r"train\.idx: key 99 is not in the index"):
+        reader.offsets_of(np.array([int(keys[0]), 99]))
+
+
 def test_missing_key_and_stale_index(tmp_path):
     rec, idx = _copy(tmp_path)
     reader = RecordReader(rec)

@@ -70,27 +70,44 @@ def test_inf_batch_is_skipped_and_every_saved_tensor_is_finite(workdir, monkeypa
 
 
 def test_step_guard_restores_batchnorm_and_centers_bitwise():
-    from engine.step_guard import BufferSnapshot
+    """Two micro-batches (gradient_acc 2) move BatchNorm stats and AdaDistill centers (the second
+    one poisoned); the rollback restores both bitwise -- the centers from the rows the head
+    journaled (a copy of the touched rows, never of the [C_local, D] table)."""
+    from engine.step_guard import StepGuard
     from plugins.heads import AdaDistillHead
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
                               torch.nn.Flatten(), torch.nn.LazyLinear(8),
                               torch.nn.BatchNorm1d(8))
     net(torch.randn(4, 3, 6, 6))
-    head = AdaDistillHead(8, 5, margin="arcface", s=16.0, m=0.5)
+    head = AdaDistillHead(8, 50, margin="arcface", s=16.0, m=0.5)
     before = {k: v.clone() for k, v in list(net.state_dict().items()) + list(
         head.state_dict().items())}
-    guard = BufferSnapshot(net, head)
-    guard.take()
+    guard = StepGuard(net, head, torch.device("cpu"), 1)
+    guard.begin()
+    assert not any(copy.shape == head.centers.shape for copy in guard.copies.values())
+    labels = torch.tensor([0, 1, 1, 3])
+    loss = head(net(torch.randn(4, 3, 6, 6)), labels, torch.randn(4, 8))
+    guard.loss(loss)
+    labels = torch.tensor([3, 4, 1, 7])
+    head.use_host_labels(labels.numpy())          # the trainer's host-side round count
     emb = net(torch.full((4, 3, 6, 6), float("inf")))
-    loss = head(emb, torch.tensor([0, 1, 2, 3]), torch.full((4, 8), float("nan")))
+    loss = head(emb, labels, torch.full((4, 8), float("nan")))
+    guard.loss(loss)
     assert not torch.isfinite(loss)
+    journaled = torch.cat([rows for _, rows in head.journaled_rows()])
+    assert sorted(set(journaled.tolist())) == [0, 1, 3]   # rows of valid samples (+ row 0)
     changed = [k for k, v in list(net.state_dict().items()) + list(head.state_dict().items())
                if not torch.equal(v, before[k])]
-    assert changed                                   # the forward did corrupt the buffers
-    guard.restore()
+    assert "centers" in changed and any("running_var" in k for k in changed)
+    flags, _ = guard.read(None, None, 0)
+    assert flags.bad_loss and flags.bad_buffer and flags.skip
+    assert guard.first_nonfinite() == "buffer '1.running_mean'"
+    guard.rollback()
+    guard.end()
     for key, value in list(net.state_dict().items()) + list(head.state_dict().items()):
         assert torch.equal(value, before[key]), key
+    assert head.journaled_rows() == []
 
 
 def test_huge_lr_from_the_start_never_writes_a_non_finite_tensor(workdir):
@@ -105,17 +122,41 @@ def test_huge_lr_from_the_start_never_writes_a_non_finite_tensor(workdir):
 def test_blow_up_stops_before_its_checkpoint_and_resumes_with_a_sane_lr(workdir):
     base = dict(distill="adadistill", num_epoch=10, save_every=3, keep_checkpoints=3,
                 max_nonfinite=2)
-    trainer.train(job_config(workdir, "blow_up", lr=0.05, max_steps=3, **base))
-    with pytest.raises(RuntimeError, match=r"non-finite.*step_000000003") as err:
+    trainer.train(job_config(workdir, "blow_up", lr=0.05, max_steps=6, **base))
+    with pytest.raises(RuntimeError, match=r"non-finite") as err:
         trainer.train(job_config(workdir, "blow_up", lr=1e8, max_steps=12, resume=True, **base))
+    # it blew up right after resuming from step 6: the advice is not "resume from step 6"
+    # again but the checkpoint before it (or --start-over)
+    message = str(err.value)
+    newest, earlier = (os.path.join(workdir, "runs", "blow_up", "checkpoints", f"step_{n:09d}")
+                       for n in (6, 3))
+    assert f"resume from {newest}" not in message
+    assert f"this run resumed from {newest}" in message and f"--resume takes {earlier}" in message
+    assert "--start-over" in message
     cfg = job_config(workdir, "blow_up", lr=0.05, max_steps=8, resume=True, **base)
     _assert_all_finite(cfg.output)
     log = open(os.path.join(cfg.output, "training.log")).read()
-    assert re.search(r"non-finite (buffer '[\w.]+running_var'|loss) at step 4: step skipped",
+    assert re.search(r"non-finite (buffer '[\w.]+running_var'|loss) at step 7: step skipped",
                      log), log[-2000:]
     summary = trainer.train(cfg)
     assert summary["steps"] == 8 and summary["skipped_steps"] == 0
     _assert_all_finite(cfg.output)
+
+
+def test_blow_up_advice_without_an_earlier_checkpoint_is_start_over(tmp_path):
+    from types import SimpleNamespace
+    from engine.checkpoint import CheckpointManager
+    only = tmp_path / "checkpoints" / "step_000000004"
+    only.mkdir(parents=True)
+    run = SimpleNamespace(checkpoints=CheckpointManager(str(tmp_path), keep=1))
+    fresh = trainer._Progress(total_steps=10)
+    assert trainer._restart_advice(run, fresh) == f"resume from {only}"
+    resumed = trainer._Progress(total_steps=10, resumed_from=str(only))
+    advice = trainer._restart_advice(run, resumed)
+    assert f"resume from {only}" not in advice and "--start-over" in advice
+    assert "no earlier checkpoint is kept (keep_checkpoints=1)" in advice
+    assert trainer._restart_advice(SimpleNamespace(checkpoints=CheckpointManager(
+        str(tmp_path / "none"))), fresh) == "resume from scratch (no checkpoint yet)"
 
 
 def test_fresh_run_into_a_folder_with_checkpoints_refuses_unless_start_over(workdir):

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..adadistill import ALPHAS, update_centers_
+from ..adadistill import ALPHAS, label_rounds, update_centers_
 from ..distributed import all_reduce
 from ..margin import (check_batch, check_margin_args, cosine_logits,
                       distributed_margin_cross_entropy, select_classes)
@@ -65,6 +65,7 @@ class AdaDistillHead(DistillHead):
     """
 
     sharded_keys = ("centers",)
+    journaled_keys = ("centers",)   # rows saved before each update: a skipped step restores them
 
     def __init__(self,
                  embedding_size: int,
@@ -81,6 +82,8 @@ class AdaDistillHead(DistillHead):
         self.own_class_shard(embedding_size, num_classes)
         self.margin, self.s, self.m = margin, float(s), float(m)
         self.alpha, self.sample_rate = alpha, float(sample_rate)
+        # the repeated-label rounds' count from the host labels, without a device read
+        self.wants_host_labels = alpha != "fixed"
         self.register_buffer("centers", torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
         self._centers_loaded = False
         self.register_load_state_dict_post_hook(AdaDistillHead._after_load)
@@ -149,9 +152,12 @@ class AdaDistillHead(DistillHead):
             # center for the rest of the run: such samples update nothing (same on every rank,
             # since every rank sees the same gathered batch); the loss still reports them
             finite = torch.isfinite(cos_st) & torch.isfinite(t_hat).all(dim=1)
-            idx = torch.nonzero((local >= 0) & (local < self.num_local) & finite).squeeze(1)
-            update = update_centers_(self.centers, local[idx], t_hat[idx], cos_st[idx],
-                                     self.alpha)
+            valid = (local >= 0) & (local < self.num_local) & finite
+            host = self.take_host_labels()
+            if self.alpha != "fixed":   # the rows this batch may change, for a skipped step
+                self.journal_rows("centers", torch.where(valid, local, torch.zeros_like(local)))
+            update = update_centers_(self.centers, local, t_hat, cos_st, self.alpha, valid=valid,
+                                     rounds=None if host is None else label_rounds(host))
             owned_sums = all_reduce(torch.stack([update.alpha_weighted.sum(),
                                                  update.cos_center_teacher.sum()]), "sum")
 

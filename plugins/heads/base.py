@@ -8,11 +8,18 @@ and declares which of its state entries are class-sharded (``sharded_keys``: fir
 rank's Partial FC class shard, re-split by the checkpoint code on a world-size change) and which
 buffers never change during training (``frozen_keys``: the non-finite step guard does not copy
 them).  After each forward ``stats`` holds detached scalars for the progress log.
+
+A skipped training step must leave every buffer as before it.  The trainer's step guard copies a
+head's buffers before the step, except ``frozen_keys`` and ``journaled_keys``: the buffers a
+head changes only row by row (AdaDistill's ``[C_local, D]`` centers) and saves itself, calling
+``journal_rows(name, rows)`` just before it changes those rows, so a skipped step costs a copy of
+the rows the batch touches, not of the table (``begin_journal`` / ``rollback_journal``).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,15 +35,62 @@ class DistillHead(nn.Module):
     Attributes:
         sharded_keys: state_dict keys whose first axis is the class shard of this rank.
         frozen_keys: buffers that never change during training (not snapshotted every step).
+        journaled_keys: buffers changed only through ``journal_rows`` (row-wise rollback).
+        wants_host_labels: the forward uses ``use_host_labels`` when given (no device read).
         stats: detached scalar tensors of the last forward.
     """
 
     sharded_keys: Tuple[str, ...] = ()
     frozen_keys: Tuple[str, ...] = ()
+    journaled_keys: Tuple[str, ...] = ()
+    wants_host_labels: bool = False
 
     def __init__(self) -> None:
         super().__init__()
         self.stats: Dict[str, torch.Tensor] = {}
+        self._journal: Optional[List[Tuple[str, torch.Tensor, torch.Tensor]]] = None
+        self._host_labels: Optional[np.ndarray] = None
+
+    # ------------------------------------------------------------ a skipped step's rollback
+    def begin_journal(self) -> None:
+        """Start recording ``journal_rows`` (the trainer calls it before a step's first forward)."""
+        self._journal = []
+
+    @torch.no_grad()
+    def journal_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Call just before changing rows ``rows [n]`` (long, repeats allowed) of the
+        ``journaled_keys`` buffer ``name``: keeps their current values while a journal is open."""
+        if self._journal is not None:
+            self._journal.append((name, rows, self.get_buffer(name).index_select(0, rows)))
+
+    def journaled_rows(self) -> List[Tuple[str, torch.Tensor]]:
+        """``(buffer name, rows)`` changed since ``begin_journal`` (for the finite check)."""
+        return [(name, rows) for name, rows, _ in self._journal or ()]
+
+    @torch.no_grad()
+    def rollback_journal(self) -> None:
+        """Put every journaled row back as it was at ``begin_journal`` (newest entry first, so
+        each row ends at its oldest saved value); the journal stays open."""
+        for name, rows, saved in reversed(self._journal or ()):
+            self.get_buffer(name).index_copy_(0, rows, saved)
+        if self._journal is not None:
+            self._journal.clear()
+
+    def end_journal(self) -> None:
+        """Stop recording and drop the saved rows."""
+        self._journal = None
+
+    def use_host_labels(self, labels: Optional[np.ndarray]) -> None:
+        """The global batch's labels ``[N]`` (rank order) on the host, for the next forward only.
+        A head whose loop bounds depend on the labels (``wants_host_labels``, e.g. AdaDistill's
+        repeated-label rounds) takes them from here instead of reading the device; the trainer
+        passes them.  None, or never called: the head reads the device."""
+        self._host_labels = None if labels is None else np.asarray(labels)
+
+    def take_host_labels(self) -> Optional[np.ndarray]:
+        """The labels given by ``use_host_labels`` (then forgotten), or None."""
+        labels, self._host_labels = self._host_labels, None
+        return labels
 
     def own_class_shard(self, embedding_size: int, num_classes: int) -> None:
         """Check the sizes and take this rank's Partial FC class shard: sets ``embedding_size``

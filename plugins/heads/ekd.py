@@ -42,6 +42,13 @@ from .registry import register_head
 class EKDHead(MarginPlusKD):
     """Margin softmax + ``ekd_weight`` * EKD rank loss at the FPR thresholds (global batch)."""
 
+    wants_host_labels = True    # the term counts its negative pairs there, not on the device
+
+    def forward(self, student: torch.Tensor, labels: torch.Tensor,
+                teacher: Optional[torch.Tensor] = None, epoch: float = 0.0) -> torch.Tensor:
+        self.term.use_host_labels(self.take_host_labels())
+        return super().forward(student, labels, teacher, epoch)
+
     @classmethod
     def from_config(cls, cfg, teacher_classifier: Optional[torch.Tensor] = None) -> "EKDHead":
         term = EvaluationOrientedKD(top_k=cfg.ekd_top_k, temperature=cfg.ekd_temperature,

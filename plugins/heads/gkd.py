@@ -10,9 +10,9 @@ from typing import Optional
 
 import torch
 
-from ..distributed import rank_and_world
+from ..distributed import rank_and_world, shard_sizes
 from ..gkd import (_check_group, _check_options, _gkd_parts, _Local, _Sharded, kd_warmup_weight)
-from ..margin import check_batch, sharded_cross_entropy
+from ..margin import check_batch, sharded_cross_entropy, static_sample_count
 from .base import configured_teacher_classifier, margin_from_config
 from .registry import register_head
 from .teacher_logits import TeacherLogitsHead
@@ -168,16 +168,19 @@ class GKDHead(TeacherLogitsHead):
         logits = self.margin_logits(student, labels, teacher)
         z_s, z_t, index = logits.student, logits.teacher, logits.index
         num_kept = self.num_classes
-        if index is not None:
-            count = torch.tensor([index.numel()], device=z_s.device)
-            num_kept = int(reduce.sum(count).item())
+        if index is not None:      # every rank's kept count, from the host when it is fixed
+            counts = [static_sample_count(size, self.sample_rate, z_s.shape[0])
+                      for size in shard_sizes(self.num_classes, rank_and_world()[1])]
+            if None in counts:
+                count = torch.tensor([index.numel()], device=z_s.device)
+                num_kept = int(reduce.sum(count).item())
+            else:
+                num_kept = sum(counts)
         self.sampled_index = index
 
         with torch.autocast(device_type=z_s.device.type, enabled=False):
-            target = torch.zeros_like(z_t, dtype=torch.bool)
-            target[logits.rows, logits.cols] = True
             ce, _ = sharded_cross_entropy(z_s, logits.column)
-            parts = _gkd_parts(z_s, z_t, target, num_kept, self.temperature, self.alpha,
+            parts = _gkd_parts(z_s, z_t, logits.target, num_kept, self.temperature, self.alpha,
                                self.beta, self.lamda, self.k, self.tau, self.rank_by, self.k_step,
                                reduce, group)
         kd_weight = kd_warmup_weight(epoch, self.warmup_epochs)
@@ -185,7 +188,8 @@ class GKDHead(TeacherLogitsHead):
         self.stats = {name: value.detach() for name, value in (
             ("ce", ce), ("kd", parts.total), ("binary", parts.binary),
             ("primary", parts.primary), ("secondary", parts.secondary))}
-        self.stats["kd_weight"] = torch.tensor(kd_weight, dtype=ce.dtype)
-        self.stats["k"] = torch.tensor(parts.k_used)
+        # made on the loss's device (a fill, no host copy), so the trainer can sum them there
+        self.stats["kd_weight"] = ce.new_full((), kd_weight)
+        self.stats["k"] = ce.new_full((), parts.k_used)
         return loss
 

@@ -103,5 +103,5 @@ class KDHead(TeacherLogitsHead):
             kd = self.kd(z_s, z_t)
         ramp = kd_warmup_weight(epoch, self.warmup_epochs) * self.kd_weight
         self.stats = {"ce": ce.detach(), "kd": kd.detach(), "kl": self.kd.stats["kl"],
-                      "kd_weight": torch.tensor(ramp, dtype=ce.dtype)}
+                      "kd_weight": ce.new_full((), ramp)}
         return ce + ramp * kd

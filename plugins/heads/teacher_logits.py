@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..margin import select_classes
+from ..margin import select_classes, target_mask
 from .base import DistillHead, gather_global_batch, margin_from_config
 
 
@@ -26,7 +26,7 @@ class MarginLogits(NamedTuple):
         teacher: ``[N, L]`` without gradient.
         column: ``[N]`` each sample's target column among the ``L`` kept classes, -1 where another
             rank owns the class.
-        rows, cols: the ``(sample, column)`` entries of the targets held here.
+        target: bool ``[N, L]``, True at the targets held here (``plugins.margin.target_mask``).
         index: the kept local classes ``[L]``, or None when all ``num_local`` are kept.
         labels: ``[N]`` the gathered labels.
     """
@@ -34,20 +34,19 @@ class MarginLogits(NamedTuple):
     student: torch.Tensor
     teacher: torch.Tensor
     column: torch.Tensor
-    rows: torch.Tensor
-    cols: torch.Tensor
+    target: torch.Tensor
     index: Optional[torch.Tensor]
     labels: torch.Tensor
 
 
-def cosface_logits(embeddings: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
-                   cols: torch.Tensor, s: float, m: float) -> torch.Tensor:
+def cosface_logits(embeddings: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                   s: float, m: float) -> torch.Tensor:
     """CosFace logits ``s * (cos - m * onehot)`` ``[N, L]`` of ``embeddings [N, D]`` against the
-    class rows ``weight [L, D]``; the margin goes to the entries ``(rows, cols)``.  Built in place
-    on one fresh ``[N, L]`` tensor (the matmul output is not kept)."""
+    class rows ``weight [L, D]``; the margin goes to the entries where ``target [N, L]`` is True.
+    Built in place on one fresh ``[N, L]`` tensor (the matmul output is not kept)."""
     logits = F.linear(F.normalize(embeddings), F.normalize(weight)).mul_(s)
-    margin = torch.full((rows.numel(),), -s * m, dtype=logits.dtype, device=logits.device)
-    return logits.index_put_((rows, cols), margin, accumulate=True)
+    margin = torch.full((), -s * m, dtype=logits.dtype, device=logits.device)
+    return logits.add_(torch.where(target, margin, torch.zeros_like(margin)))
 
 
 class TeacherLogitsHead(DistillHead):
@@ -114,10 +113,9 @@ class TeacherLogitsHead(DistillHead):
             weight, teacher_weight = weight[index], teacher_weight[index]
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=f_s.device.type, enabled=False):
-            rows = torch.nonzero(column >= 0).flatten()
-            cols = column[rows]
-            z_s = cosface_logits(f_s.to(dtype), weight.to(dtype), rows, cols, self.s, self.m)
+            target = target_mask(column, weight.shape[0])
+            z_s = cosface_logits(f_s.to(dtype), weight.to(dtype), target, self.s, self.m)
             with torch.no_grad():
-                z_t = cosface_logits(f_t.to(dtype), teacher_weight.to(dtype), rows, cols,
+                z_t = cosface_logits(f_t.to(dtype), teacher_weight.to(dtype), target,
                                      self.s, self.m)
-        return MarginLogits(z_s, z_t, column, rows, cols, index, y)
+        return MarginLogits(z_s, z_t, column, target, index, y)

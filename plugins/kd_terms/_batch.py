@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..deferred_checks import require
 from ..distributed import all_gather_no_grad, all_gather_with_grad, all_reduce, rank_and_world
 
 
@@ -60,10 +61,12 @@ def global_count(local_rows: int, device: torch.device) -> int:
     world = rank_and_world()[1]
     if world == 1:
         return local_rows
-    sizes = all_reduce(torch.tensor([local_rows, -local_rows], device=device), "max")
-    if int(sizes[0]) != -int(sizes[1]):
-        raise ValueError(f"every rank must pass the same batch size B to a batch-relational KD "
-                         f"term, got sizes between {-int(sizes[1])} and {int(sizes[0])}")
+    signed = torch.full((2,), local_rows, device=device)   # a fill: no host-to-device copy
+    signed[1].neg_()
+    sizes = all_reduce(signed, "max")                        # (max B, -min B)
+    require(sizes[0] == -sizes[1],
+            lambda: f"every rank must pass the same batch size B to a batch-relational KD term, "
+                    f"got sizes between {-int(sizes[1])} and {int(sizes[0])}")
     return local_rows * world
 
 

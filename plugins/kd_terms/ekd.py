@@ -38,10 +38,12 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..deferred_checks import require
 from ._batch import (check_embeddings, compute_dtype, gather_labels, gather_own_rows,
                      global_count)
 
@@ -90,6 +92,22 @@ class EvaluationOrientedKD(nn.Module):
         self.register_buffer("student_thresholds", torch.zeros(len(anchors), dtype=torch.float64))
         self.register_buffer("teacher_thresholds", torch.zeros(len(anchors), dtype=torch.float64))
         self.stats: Dict[str, torch.Tensor] = {}
+        self._host_labels: Optional[np.ndarray] = None
+
+    def use_host_labels(self, labels: Optional[np.ndarray]) -> None:
+        """The global batch's labels ``[N]`` on the host for the next forward (see
+        ``DistillHead.use_host_labels``): the negative pairs are counted there, not read from
+        the device."""
+        self._host_labels = None if labels is None else np.asarray(labels).reshape(-1)
+
+    def _negative_pairs(self, n: int) -> Optional[int]:
+        """The number of negative pairs of the host labels given for this forward (then
+        forgotten), or None."""
+        labels, self._host_labels = self._host_labels, None
+        if labels is None or labels.size != n:
+            return None
+        counts = np.unique(labels, return_counts=True)[1]
+        return n * (n - 1) // 2 - int((counts * (counts - 1) // 2).sum())
 
     def extra_repr(self) -> str:
         return (f"top_k={self.top_k}, T={self.temperature}, anchors={self.anchors}, "
@@ -116,15 +134,28 @@ class EvaluationOrientedKD(nn.Module):
                 t_hat = F.normalize(t_all, dim=1)
                 sim_t = (t_hat @ t_hat.t())[iu[0], iu[1]]
             positive = y[iu[0]] == y[iu[1]]
-            neg_s, neg_t = sim_s[~positive], sim_t[~positive]
-            num_neg = neg_s.shape[0]
+            # the pair lists split by label (compact lists: the means of the published formula);
+            # their sizes depend on the labels: counted from the host labels when the caller
+            # gave them (use_host_labels), else read from the device (a host-device sync).  A
+            # stable sort puts the negatives first, each group in pair order
+            split = torch.sort(positive.to(torch.uint8), stable=True).indices
+            num_neg = self._negative_pairs(n)
+            if num_neg is None:
+                num_neg = int((~positive).sum())
+            else:                              # counted on the host: checked with the step
+                require((~positive).sum() == num_neg,
+                        lambda: "EvaluationOrientedKD: the host labels given by "
+                                "use_host_labels do not match the batch's labels")
+            neg_pairs, pos_pairs = split[:num_neg], split[num_neg:]
+            neg_s, neg_t = sim_s[neg_pairs], sim_t[neg_pairs]
             if num_neg == 0:
                 raise ValueError("EvaluationOrientedKD: the global batch has no pair of "
                                  "different labels, so no FPR threshold exists")
             with torch.no_grad():
                 order_s = torch.sort(neg_s.detach(), descending=True, stable=True)
                 sorted_t = torch.sort(neg_t, descending=True, stable=True).values
-                index = torch.tensor([num_neg // a for a in self.anchors], device=s_rep.device)
+                index = torch.stack([torch.full((), num_neg // a, device=s_rep.device)
+                                     for a in self.anchors])       # fills: no host copy
                 m = self.momentum
                 self.student_thresholds.mul_(1 - m).add_(m * order_s.values[index].double())
                 self.teacher_thresholds.mul_(1 - m).add_(m * sorted_t[index].double())
@@ -137,7 +168,7 @@ class EvaluationOrientedKD(nn.Module):
                 return ((soft_rank(x_s, tau_s, self.temperature)
                          - soft_rank(x_t, tau_t, self.temperature)) ** 2).mean()
 
-            pos_term = rank_mse(sim_s[positive], sim_t[positive])
+            pos_term = rank_mse(sim_s[pos_pairs], sim_t[pos_pairs])
             hard = order_s.indices[:self.top_k]
             neg_term = rank_mse(neg_s[hard], neg_t[hard])
             loss = self.positive_weight * pos_term + self.negative_weight * neg_term

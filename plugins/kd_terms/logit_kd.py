@@ -29,6 +29,7 @@ from typing import Dict
 import torch
 from torch import nn
 
+from ..deferred_checks import require
 from ..distributed import all_reduce, all_reduce_sum_with_grad, rank_and_world
 
 
@@ -73,9 +74,9 @@ class LogitKD(nn.Module):
                 maxima = torch.stack([a.amax(dim=1), b.detach().amax(dim=1)], dim=1)
             if distributed:
                 maxima = all_reduce(maxima.clone(), "max")
-            if not bool(torch.isfinite(maxima).all()):
-                raise ValueError("LogitKD: a row has no finite logit on any rank (no classes, "
-                                 "or NaN/inf logits)")
+            require(torch.isfinite(maxima).all(),
+                    lambda: "LogitKD: a row has no finite logit on any rank (no classes, or "
+                            "NaN/inf logits)")
             e_a = torch.exp(a - maxima[:, 0:1])
             e_b = torch.exp(b - maxima[:, 1:2])
             sums = torch.stack([e_a.sum(dim=1), e_b.sum(dim=1), (e_a * (a - b)).sum(dim=1)], 1)

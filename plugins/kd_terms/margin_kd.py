@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..deferred_checks import require
 from ..distributed import all_reduce, rank_and_world
 
 
@@ -65,23 +66,25 @@ class MarginDistillationMargins(nn.Module):
             raise ValueError(f"MarginDistillationMargins: target_col must be [{teacher.shape[0]}]"
                              f", got {list(target_col.shape)}")
         dtype = torch.float64 if teacher.dtype == torch.float64 else torch.float32
-        rows = torch.nonzero(target_col >= 0).flatten()
-        t_hat = F.normalize(teacher[rows].to(dtype), dim=1)
-        c_hat = F.normalize(centers[target_col[rows]].to(dtype), dim=1)
-        cos = teacher.new_zeros(teacher.shape[0], dtype=dtype).index_put(
-            (rows,), (t_hat * c_hat).sum(dim=1))
-        owned = torch.zeros_like(target_col).index_fill(0, rows, 1)
+        held = target_col >= 0          # masked, not compacted: no host read of the row count
+        if centers.shape[0] == 0:
+            cos = teacher.new_zeros(teacher.shape[0], dtype=dtype)
+        else:
+            t_hat = F.normalize(teacher.to(dtype), dim=1)
+            c_hat = F.normalize(centers[target_col.clamp(min=0)].to(dtype), dim=1)
+            cos = torch.where(held, (t_hat * c_hat).sum(dim=1), 0.0)
+        owned = held.to(target_col.dtype)
         if rank_and_world()[1] > 1:
             all_reduce(cos, "sum")
             all_reduce(owned, "sum")
-        if not bool((owned == 1).all()):
-            raise ValueError("MarginDistillationMargins: every sample's class must be owned by "
-                             "exactly one rank (check target_col / the class sharding)")
+        require((owned == 1).all(),
+                lambda: "MarginDistillationMargins: every sample's class must be owned by exactly "
+                        "one rank (check target_col / the class sharding)")
         d_max = cos.max()
-        if not d_max > 0:
-            raise ValueError(f"MarginDistillationMargins: the largest teacher-to-center cosine "
-                             f"of the batch is {float(d_max):.4g} <= 0; the classifier does not "
-                             f"belong to this teacher")
+        require(d_max > 0,
+                lambda: f"MarginDistillationMargins: the largest teacher-to-center cosine of the "
+                        f"batch is {float(d_max):.4g} <= 0; the classifier does not belong to "
+                        f"this teacher")
         margins = self.m_min + (self.m_max - self.m_min) * cos / d_max
         self.stats = {"mean_margin": margins.mean(), "max_cos_teacher_center": d_max}
         return margins

@@ -22,9 +22,9 @@ lfw.bin.  Runs are also cached by digest (config, data, code: ``kd_bench.CODE_PA
 versions, device; ``--fresh`` retrains them).  The report starts with the regime's checks: the
 teacher stopped improving, the student alone converged, the capacity gap.
 
-Determinism: every job is a process with one intra-op thread and no DataLoader workers, seeded
-from its config, so the same command on the same machine prints the same numbers, whatever
-``--jobs`` is (jobs only run side by side).
+Determinism: every job is a process with one intra-op thread, no DataLoader workers and the AVX2
+kernels (``--isa``, tools/cpu_isa.py; on a CPU), seeded from its config, so the same command with
+the locked packages prints the same numbers, whatever ``--jobs`` is (jobs only run side by side).
 
 Writes ``<out>/results.json``, ``results.md`` and ``kd_quality.png`` (default out:
 ``work_dirs/kd_bench/<regime>``, ``.../quick`` for ``--quick``).
@@ -48,6 +48,7 @@ if REPO not in sys.path:
 os.environ.setdefault("OMP_NUM_THREADS", "1")     # inherited by the spawned job processes
 
 from tools import kd_bench  # noqa: E402
+from tools.cpu_isa import ISA_PINS, pinned_environment  # noqa: E402
 from tools.kd_bench import (BASELINE, aggregate, cached_result, checks_table,  # noqa: E402
                            config_digest, convergence_checks, job_folder, markdown_tables,
                            merged_task, methods_of, plot_summary, student_config,
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     methods = select_methods(methods_of(task), args.methods)
     out = args.out or os.path.join(root, "quick" if args.quick else task["regime"])
 
-    env = kd_bench.environment()
+    env = dict(kd_bench.environment(), isa=args.isa if device == "cpu" else "device")
     data_digest = data_digest_of(task, env)
     data_root = job_folder(root, "data", data_digest)
     print(f"[kd-bench] regime {task['regime']} on {device}; data {data_root}", flush=True)
@@ -216,7 +217,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             print(f"[kd-bench] --report-only: {len(missing)} runs not finished, left out: "
                   f"{missing}", flush=True)
         pending, pending_references = [], []
-    with _executor(args.jobs) as pool:
+    pins = ISA_PINS[args.isa] if device == "cpu" else {}
+    with pinned_environment(pins), _executor(args.jobs) as pool:
         # the teacher first (the distilled runs wait for it), then what does not need it: the
         # students alone, then the reference teachers; the distilled runs queue behind them
         futures: Dict[concurrent.futures.Future, Dict[str, Any]] = {}
@@ -294,6 +296,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                              "each method on its own paper's shape, one student alone per recipe")
     parser.add_argument("--quick", action="store_true",
                         help="the short regime with 1 seed and smaller data (~3 min)")
+    parser.add_argument("--isa", choices=sorted(ISA_PINS), default="avx2",
+                        help="the CPU kernels' instruction set (tools/cpu_isa.py): avx2 "
+                             "(default) gives the same numbers on AVX2 and AVX-512 machines; "
+                             "native lets each library choose (part of every digest)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="runs side by side, one thread each (results do not depend on it)")
     parser.add_argument("--seeds", default="", help="comma-separated seeds (default: the task's)")

@@ -71,7 +71,7 @@ def _args(root, **kw):
     ns = argparse.Namespace(quick=True, jobs=1, seeds="0,1", methods="AdaCosDistill alpha'",
                             root=str(root), out="", fresh=False, fresh_teacher=False,
                             report_only=False, argv=[], regime="short", device="",
-                            schedule="")
+                            schedule="", isa="avx2")
     for key, value in kw.items():
         setattr(ns, key, value)
     return ns
@@ -91,6 +91,7 @@ class _Fakes:
 
     def train_teacher(self, job):
         self.teacher_calls.append(job["digest"])
+        self.teacher_isa = os.environ.get("ATEN_CPU_CAPABILITY")
         self.teacher_jobs.append(job)
         os.makedirs(job["output"], exist_ok=True)
         result = {"name": job["name"], "digest": job["digest"], "seconds": 1.0,
@@ -122,6 +123,17 @@ def fakes(monkeypatch):
                         lambda jobs: concurrent.futures.ThreadPoolExecutor(1))
     monkeypatch.setattr(kd_quality, "machine", lambda device: {"cpus": 2})
     return f
+
+
+def test_jobs_run_on_the_pinned_instruction_set_and_it_is_part_of_the_digest(tmp_path, fakes,
+                                                                            monkeypatch):
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    kd_quality.run(_args(tmp_path, methods=""))
+    assert fakes.teacher_isa == "avx2"                     # the workers start inside the pin
+    assert "ATEN_CPU_CAPABILITY" not in os.environ         # and the parent's is put back
+    kd_quality.run(_args(tmp_path, methods="", isa="native"))
+    assert fakes.teacher_isa is None
+    assert len(set(fakes.teacher_calls)) == 2              # native kernels: another teacher
 
 
 def test_teacher_is_trained_once_and_reused_by_digest(tmp_path, fakes, monkeypatch):
@@ -479,7 +491,7 @@ def test_recipes_at_the_papers_own_epochs_are_the_papers_values():
 
 def test_the_schedules_the_trainer_builds_follow_the_recipes():
     """The lr the trainer would use at each epoch start, from the regime's configs."""
-    from engine.lr_schedule import schedule_from_config
+    from plugins.lr_schedule import schedule_from_config
     from tools.kd_bench_jobs import run_config
     task = kd_bench.merged_task(False, "converged", kd_bench.PAPERS)
     methods = {m.name: m for m in kd_bench.methods_of(task)}

@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.seeds:
         task["seeds"] = [int(s) for s in args.seeds.split(",")]
     root = os.path.abspath(args.root)
-    methods = select_methods(methods_of(task), args.methods)
+    methods = select_methods(methods_of(task, every=bool(args.methods)), args.methods)
     out = args.out or os.path.join(root, "quick" if args.quick else task["regime"])
 
     env = dict(kd_bench.environment(), isa=args.isa if device == "cpu" else "device")

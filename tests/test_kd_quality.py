@@ -416,9 +416,12 @@ def test_converged_regime_runs_every_row_on_one_gkd_shaped_schedule():
     assert task["schedule"] == kd_bench.GKD_RECIPE
     epochs = task["student"]["num_epoch"]
     methods = kd_bench.methods_of(task)
-    short = kd_bench.methods_of(kd_bench.merged_task(False))
-    assert [(m.name, dict(m.config)) for m in methods[:-1]] == \
-        [(m.name, dict(m.config)) for m in short[:-1]]          # the same methods, same keys
+    short = {m.name: dict(m.config) for m in kd_bench.methods_of(kd_bench.merged_task(False))}
+    assert [m.name for m in methods] == list(task["methods"])   # the claims' rows, table order
+    assert all(dict(m.config) == short[m.name] for m in methods[:-1])   # same keys as short
+    claimed = {name for _, pairs in kd_bench.CLAIMS for pair in pairs for name in pair}
+    assert claimed <= {m.name for m in methods}
+    assert len(kd_bench.methods_of(task, every=True)) == len(short)
     assert {m.baseline for m in methods} == {kd_bench.BASELINE}
     for method in methods:
         cfg = kd_bench.student_config(task, method)
@@ -441,13 +444,22 @@ def test_converged_regime_runs_every_row_on_one_gkd_shaped_schedule():
     assert len(task["seeds"]) >= 3 and task["data"]["variation"] > 1
 
 
+def test_a_regime_naming_an_unknown_row_is_refused():
+    task = kd_bench.merged_task(False, "converged")
+    task["methods"] = [kd_bench.BASELINE, "AdaDistil"]
+    with pytest.raises(ValueError, match="AdaDistil"):
+        kd_bench.methods_of(task)
+
+
 def test_papers_schedule_runs_each_method_on_its_own_recipe_with_its_own_baseline():
     task = kd_bench.merged_task(False, "converged", kd_bench.PAPERS)
     epochs = task["student"]["num_epoch"]
-    methods = kd_bench.methods_of(task)
+    methods = kd_bench.methods_of(task, every=True)
     short = {m.name for m in kd_bench.methods_of(kd_bench.merged_task(False))}
     assert {m.name for m in methods} == short | {kd_bench.GKD_BASELINE,
                                                  kd_bench.GKD_LONG_BASELINE}
+    kept = {m.name for m in kd_bench.methods_of(task)}       # the regime's rows + their baselines
+    assert kept == set(task["methods"]) | {kd_bench.GKD_BASELINE, kd_bench.GKD_LONG_BASELINE}
     gkd_family = {"GKD fixed-k", "GKD adaptive", "logit KD", "FitNet", "RKD",
                   kd_bench.GKD_BASELINE, kd_bench.GKD_LONG_BASELINE}
     for method in methods:

@@ -411,7 +411,7 @@ def test_short_regime_keeps_one_schedule_and_one_baseline():
     assert long.config["num_epoch"] == 2 * task["student"]["num_epoch"] == 6
 
 
-def test_converged_regime_runs_every_row_on_one_gkd_shaped_schedule():
+def test_converged_regime_runs_the_claims_rows_on_one_gkd_shaped_schedule():
     task = kd_bench.merged_task(False, "converged")
     assert task["schedule"] == kd_bench.GKD_RECIPE
     epochs = task["student"]["num_epoch"]

@@ -219,16 +219,17 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         pending, pending_references = [], []
     pins = ISA_PINS[args.isa] if device == "cpu" else {}
     with pinned_environment(pins), _executor(args.jobs) as pool:
-        # the teacher first (the distilled runs wait for it), then what does not need it: the
-        # students alone, then the reference teachers; the distilled runs queue behind them
+        # the teacher first (the distilled runs wait for it), then the reference teachers (the
+        # longest jobs: started early, they do not leave a core idle at the end), then what does
+        # not need the teacher; the distilled runs queue behind them
         futures: Dict[concurrent.futures.Future, Dict[str, Any]] = {}
         if teacher_result is None:
             teacher_future = pool.submit(train_teacher, teacher)
+        for ref in pending_references:
+            futures[pool.submit(train_teacher, ref)] = ref
         for job in pending:
             if not job["needs_teacher"] or teacher_result is not None:
                 futures[pool.submit(train_and_eval, job)] = job
-        for ref in pending_references:
-            futures[pool.submit(train_teacher, ref)] = ref
         if teacher_result is None:
             teacher_result = teacher_future.result()
             print(f"[kd-bench] teacher: {teacher_result['metrics']}", flush=True)

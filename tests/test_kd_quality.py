@@ -70,7 +70,8 @@ def test_cached_result_needs_matching_digest(tmp_path):
 def _args(root, **kw):
     ns = argparse.Namespace(quick=True, jobs=1, seeds="0,1", methods="AdaCosDistill alpha'",
                             root=str(root), out="", fresh=False, fresh_teacher=False,
-                            report_only=False, argv=[])
+                            report_only=False, argv=[], regime="short", device="",
+                            schedule="", isa="avx2")
     for key, value in kw.items():
         setattr(ns, key, value)
     return ns
@@ -81,6 +82,7 @@ class _Fakes:
 
     def __init__(self):
         self.teacher_calls, self.student_calls, self.data_calls = [], [], []
+        self.teacher_jobs, self.student_jobs = [], []
 
     def make_data(self, task, root):
         self.data_calls.append(root)
@@ -89,9 +91,11 @@ class _Fakes:
 
     def train_teacher(self, job):
         self.teacher_calls.append(job["digest"])
+        self.teacher_isa = os.environ.get("ATEN_CPU_CAPABILITY")
+        self.teacher_jobs.append(job)
         os.makedirs(job["output"], exist_ok=True)
-        result = {"name": "teacher", "digest": job["digest"], "seconds": 1.0,
-                  "metrics": {k: 90.0 for k in kd_bench.METRICS}}
+        result = {"name": job["name"], "digest": job["digest"], "seconds": 1.0,
+                  "epochs": job["epochs"], "metrics": {k: 90.0 for k in kd_bench.METRICS}}
         (open(os.path.join(job["output"], "teacher.json"), "w")).write(json.dumps(result))
         return result
 
@@ -99,8 +103,9 @@ class _Fakes:
         assert not job["needs_teacher"] or os.path.isfile(
             os.path.join(os.path.dirname(job["config"]["teacher_checkpoint"]), "teacher.json"))
         self.student_calls.append((job["method"], job["seed"]))
+        self.student_jobs.append(job)
         os.makedirs(job["output"], exist_ok=True)
-        value = 50.0 + job["seed"] + (5.0 if job["method"] != kd_bench.BASELINE else 0.0)
+        value = 50.0 + job["seed"] + (5.0 if job["config"]["distill"] != "none" else 0.0)
         result = {"name": job["name"], "method": job["method"], "seed": job["seed"],
                   "digest": job["digest"], "seconds": 1.0,
                   "metrics": {k: value for k in kd_bench.METRICS}}
@@ -116,8 +121,19 @@ def fakes(monkeypatch):
     monkeypatch.setattr(kd_quality, "train_and_eval", f.train_and_eval)
     monkeypatch.setattr(kd_quality, "_executor",
                         lambda jobs: concurrent.futures.ThreadPoolExecutor(1))
-    monkeypatch.setattr(kd_quality, "machine", lambda: {"cpus": 2})
+    monkeypatch.setattr(kd_quality, "machine", lambda device: {"cpus": 2})
     return f
+
+
+def test_jobs_run_on_the_pinned_instruction_set_and_it_is_part_of_the_digest(tmp_path, fakes,
+                                                                            monkeypatch):
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    kd_quality.run(_args(tmp_path, methods=""))
+    assert fakes.teacher_isa == "avx2"                     # the workers start inside the pin
+    assert "ATEN_CPU_CAPABILITY" not in os.environ         # and the parent's is put back
+    kd_quality.run(_args(tmp_path, methods="", isa="native"))
+    assert fakes.teacher_isa is None
+    assert len(set(fakes.teacher_calls)) == 2              # native kernels: another teacher
 
 
 def test_teacher_is_trained_once_and_reused_by_digest(tmp_path, fakes, monkeypatch):
@@ -140,7 +156,8 @@ def test_teacher_is_trained_once_and_reused_by_digest(tmp_path, fakes, monkeypat
     # alone does not
     task = kd_bench.merged_task(True)
     monkeypatch.setattr(kd_quality, "merged_task",
-                        lambda quick: dict(task, teacher=dict(task["teacher"], num_epoch=3)))
+                        lambda quick, regime, schedule: dict(
+                            task, teacher=dict(task["teacher"], num_epoch=3)))
     kd_quality.run(_args(tmp_path))
     assert len(fakes.teacher_calls) == 2 and fakes.teacher_calls[0] != fakes.teacher_calls[1]
     assert sorted(fakes.student_calls[4:]) == [("AdaCosDistill alpha'", 0),
@@ -374,3 +391,361 @@ def test_ijb_eval_from_cached_aligned_images_equals_the_ijb_pipeline(tmp_path):
         assert ours[f"tar@{far_key(far)}"] == ref["tar_at_far"][far_key(far)]
     assert ours == again and ours["ijb_auc"] == ref["auc"]
     assert ours["ijb_genuine"] == ref["num_genuine"] == 4      # 4 ids x C(2, 2) template pairs
+
+
+# --------------------------------------------------------------------------- regimes
+
+def test_short_regime_keeps_one_schedule_and_one_baseline():
+    task = kd_bench.merged_task(False)
+    assert task["regime"] == "short" and task["schedule"] is None
+    methods = kd_bench.methods_of(task)
+    assert [m.name for m in methods][0] == kd_bench.BASELINE and len(methods) == 19
+    assert {m.baseline for m in methods} == {kd_bench.BASELINE}
+    for method in methods:
+        cfg = kd_bench.student_config(task, method)
+        assert cfg == {**task["shared"], **task["student"], **method.config}
+        assert cfg["lr_schedule"] == "cosine" and cfg["warmup_epoch"] == 0
+    assert kd_bench.teacher_config(task) == {**task["shared"], **task["teacher"]}
+    long = methods[-1]
+    assert long.name == kd_bench.LONG_BASELINE and long.doubles == kd_bench.BASELINE
+    assert long.config["num_epoch"] == 2 * task["student"]["num_epoch"] == 6
+
+
+def test_converged_regime_runs_the_claims_rows_on_one_gkd_shaped_schedule():
+    task = kd_bench.merged_task(False, "converged")
+    assert task["schedule"] == kd_bench.GKD_RECIPE
+    epochs = task["student"]["num_epoch"]
+    methods = kd_bench.methods_of(task)
+    short = {m.name: dict(m.config) for m in kd_bench.methods_of(kd_bench.merged_task(False))}
+    assert [m.name for m in methods] == list(task["methods"])   # the claims' rows, table order
+    assert all(dict(m.config) == short[m.name] for m in methods[:-1])   # same keys as short
+    claimed = {name for _, pairs in kd_bench.CLAIMS for pair in pairs for name in pair}
+    assert claimed <= {m.name for m in methods}
+    assert len(kd_bench.methods_of(task, every=True)) == len(short)
+    assert {m.baseline for m in methods} == {kd_bench.BASELINE}
+    for method in methods:
+        cfg = kd_bench.student_config(task, method)
+        run_epochs = cfg["num_epoch"]
+        assert run_epochs == (2 * epochs if method.doubles else epochs)
+        assert cfg["lr_schedule"] == "cosine" and cfg["nesterov"] and cfg["grad_clip"] == 0
+        assert cfg["warmup_epoch"] == pytest.approx(run_epochs * 4 / 20)
+        assert cfg["lr_min"] == cfg["warmup_lr"] == 2.5e-7
+        if cfg["distill"] == "gkd":                          # the KD ramp, 10 of 20 epochs
+            assert cfg["gkd_warmup_epochs"] == pytest.approx(run_epochs / 2)
+        else:
+            assert "gkd_warmup_epochs" not in cfg
+        assert all(cfg[k] == v for k, v in method.config.items())   # nothing per method
+    teacher = kd_bench.teacher_config(task)
+    assert teacher["warmup_epoch"] == pytest.approx(teacher["num_epoch"] * 4 / 20)
+    half = kd_bench.teacher_config(task, task["teacher_reference_epochs"][0])
+    assert half["warmup_epoch"] == pytest.approx(half["num_epoch"] * 4 / 20)   # scaled too
+    assert task["teacher"]["num_epoch"] > kd_bench.TASK["teacher"]["num_epoch"]
+    assert all(e < task["teacher"]["num_epoch"] for e in task["teacher_reference_epochs"])
+    assert len(task["seeds"]) >= 3 and task["data"]["variation"] > 1
+
+
+def test_a_regime_naming_an_unknown_row_is_refused():
+    task = kd_bench.merged_task(False, "converged")
+    task["methods"] = [kd_bench.BASELINE, "AdaDistil"]
+    with pytest.raises(ValueError, match="AdaDistil"):
+        kd_bench.methods_of(task)
+
+
+def test_papers_schedule_runs_each_method_on_its_own_recipe_with_its_own_baseline():
+    task = kd_bench.merged_task(False, "converged", kd_bench.PAPERS)
+    epochs = task["student"]["num_epoch"]
+    methods = kd_bench.methods_of(task, every=True)
+    short = {m.name for m in kd_bench.methods_of(kd_bench.merged_task(False))}
+    assert {m.name for m in methods} == short | {kd_bench.GKD_BASELINE,
+                                                 kd_bench.GKD_LONG_BASELINE}
+    kept = {m.name for m in kd_bench.methods_of(task)}       # the regime's rows + their baselines
+    assert kept == set(task["methods"]) | {kd_bench.GKD_BASELINE, kd_bench.GKD_LONG_BASELINE}
+    gkd_family = {"GKD fixed-k", "GKD adaptive", "logit KD", "FitNet", "RKD",
+                  kd_bench.GKD_BASELINE, kd_bench.GKD_LONG_BASELINE}
+    for method in methods:
+        cfg = kd_bench.student_config(task, method)
+        run_epochs = cfg["num_epoch"]
+        if method.name in gkd_family:
+            assert method.recipe == kd_bench.GKD_RECIPE
+            assert method.baseline == kd_bench.GKD_BASELINE
+            assert cfg["lr_schedule"] == "cosine" and cfg["nesterov"]
+        else:
+            assert method.recipe == kd_bench.ADADISTILL_RECIPE
+            assert method.baseline == kd_bench.BASELINE
+            assert cfg["lr_schedule"] == "step" and not cfg["nesterov"] and cfg["grad_clip"] == 5
+            assert cfg["lr_steps"] == kd_bench.scaled_milestones((7, 13, 19, 24), 26, run_epochs)
+    doubles = {m.name: m.doubles for m in methods if m.doubles}
+    assert doubles == {kd_bench.LONG_BASELINE: kd_bench.BASELINE,
+                       kd_bench.GKD_LONG_BASELINE: kd_bench.GKD_BASELINE}
+    assert kd_bench.teacher_config(task) == kd_bench.teacher_config(
+        kd_bench.merged_task(False, "converged"))               # one teacher serves both
+    step = kd_bench.merged_task(False, "converged", kd_bench.ADADISTILL_RECIPE)
+    assert {kd_bench.student_config(step, m)["lr_schedule"]
+            for m in kd_bench.methods_of(step)} == {"step"}
+    with pytest.raises(ValueError, match="cannot hold"):       # 3 epochs, 4 decays
+        kd_bench.merged_task(False, "short", kd_bench.PAPERS)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        kd_bench.merged_task(False, "short", "SGDR")
+
+
+def test_recipes_at_the_papers_own_epochs_are_the_papers_values():
+    step = kd_bench.recipe_config(kd_bench.ADADISTILL_RECIPE, 26, "adadistill")
+    assert step["lr_steps"] == [7, 13, 19, 24] and step["grad_clip"] == 5.0
+    cosine = kd_bench.recipe_config(kd_bench.GKD_RECIPE, 20, "gkd")
+    assert cosine["warmup_epoch"] == 4 and cosine["gkd_warmup_epochs"] == 10
+    assert kd_bench.scaled_milestones((7, 13, 19, 24), 26, 16) == [4, 8, 12, 15]
+    assert kd_bench.scaled_milestones((7, 13, 19, 24), 26, 5) == [1, 2, 3, 4]   # kept distinct
+    with pytest.raises(ValueError, match="cannot hold"):
+        kd_bench.scaled_milestones((7, 13, 19, 24), 26, 4)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        kd_bench.recipe_config("SGDR", 10, "none")
+
+
+def test_the_schedules_the_trainer_builds_follow_the_recipes():
+    """The lr the trainer would use at each epoch start, from the regime's configs."""
+    from plugins.lr_schedule import schedule_from_config
+    from tools.kd_bench_jobs import run_config
+    task = kd_bench.merged_task(False, "converged", kd_bench.PAPERS)
+    methods = {m.name: m for m in kd_bench.methods_of(task)}
+    teacher = kd_quality.teacher_job(task, "/d", "data", "/r")
+    jobs = {j["method"]: j for j in kd_quality.student_jobs(task, list(methods.values()), "/d",
+                                                            "data", teacher, "/r")}
+    repo = kd_quality.REPO
+    epochs = task["student"]["num_epoch"]
+    spe = 10
+    step = schedule_from_config(run_config(dict(jobs[kd_bench.BASELINE], repo=repo)), spe,
+                                spe * epochs)
+    decays = kd_bench.scaled_milestones((7, 13, 19, 24), 26, epochs)
+    for epoch in range(epochs):
+        assert step.lr_at(epoch * spe) == pytest.approx(0.1 * 0.1 ** sum(d <= epoch
+                                                                          for d in decays))
+    cfg = run_config(dict(jobs["GKD fixed-k"], repo=repo))
+    cosine = schedule_from_config(cfg, spe, spe * epochs)
+    warm = round(epochs * 4 / 20 * spe)
+    assert cosine.warmup_steps == warm and cosine.lr_at(1) < 1e-2
+    # GKD's (timm's) warm-up replaces the start of ONE cosine (not shifted): the peak is the
+    # ramp's last step or that cosine at the end of the warm-up, a little under the base lr
+    ramp_end = 2.5e-7 + (warm - 1) * (0.1 - 2.5e-7) / warm
+    cos_end = 2.5e-7 + (0.1 - 2.5e-7) * (1 + math.cos(math.pi * warm / (spe * epochs))) / 2
+    assert max(cosine.lr_at(t) for t in range(spe * epochs)) == pytest.approx(
+        max(ramp_end, cos_end), rel=1e-9)
+    assert cosine.lr_at(spe * epochs - 1) < 1e-3
+    from plugins.gkd import kd_warmup_weight
+    ramp = [kd_warmup_weight(e, cfg.gkd_warmup_epochs) for e in range(epochs)]
+    assert ramp[0] == 0 and ramp[-1] == 1 and ramp == sorted(ramp)
+
+
+def test_merged_task_selects_the_regime_and_refuses_quick_elsewhere():
+    assert kd_bench.merged_task(False, "converged")["schedule"] == kd_bench.GKD_RECIPE
+    assert kd_bench.merged_task(True)["seeds"] == [0]
+    with pytest.raises(ValueError, match="no quick variant"):
+        kd_bench.merged_task(True, "converged")
+    with pytest.raises(ValueError, match="unknown regime"):
+        kd_bench.merged_task(False, "long")
+    with pytest.raises(SystemExit):
+        kd_quality.main(["--regime", "converged", "--quick"])
+
+
+# --------------------------------------------------------------------------- convergence checks
+
+def _summary_with(values, teacher=90.0):
+    runs = [{"method": m, "seed": s, "metrics": {"tar@0.001": v}}
+            for m, per_seed in values.items() for s, v in enumerate(per_seed)]
+    return aggregate(runs, {"tar@0.001": teacher}, list(values), metrics=("tar@0.001",),
+                     baselines={"B2": "B2", "M2": "B2", "B2 long": "B2"})
+
+
+def test_convergence_checks_hold_only_within_the_seed_std_and_with_the_gap():
+    summary = _summary_with({"student alone": [80.0, 82.0, 84.0],        # std 2
+                             "student alone, 2x epochs": [81.5, 83.5, 85.5],   # +1.5 < 2
+                             "B2": [86.0, 86.5, 87.0],                   # std 0.5, gap 3.5
+                             "B2 long": [87.5, 88.0, 88.5]})             # +1.5 > 0.5
+    curve = [{"epochs": 8, "metrics": {"tar@0.001": 89.5}},
+             {"epochs": 16, "metrics": {"tar@0.001": 90.0}}]
+    checks = kd_bench.convergence_checks(
+        summary, curve, {"student alone, 2x epochs": "student alone", "B2 long": "B2"},
+        gap_min=5.0, teacher_tolerance=1.0)
+    assert checks["teacher"]["gain"] == pytest.approx(0.5) and checks["teacher"]["holds"]
+    first, second = checks["students"]
+    assert first["change"] == pytest.approx(1.5) and first["std"] == pytest.approx(2.0)
+    assert first["holds"] is True and second["holds"] is False
+    assert [g["holds"] for g in checks["gaps"]] == [True, False]
+    assert checks["gaps"][0]["gap"] == pytest.approx(8.0)
+    lines = kd_bench.checks_table(checks, titles={"tar@0.001": "T3"})
+    assert lines[0] == "Convergence and capacity checks (T3):"
+    assert lines[4] == ("| teacher stopped improving | 89.50 (8 ep) / 90.00 (16 ep); last gain "
+                        "+0.50 (tolerance 1) | yes |")
+    assert lines[5] == ("| student alone converged | 82.00 +- 2.00 -> 83.50 +- 2.00 at 2x epochs "
+                        "(change +1.50; must be below the seed std 2.00 in size) | yes |")
+    assert lines[5].endswith("| yes |") and lines[6].endswith("| NO |")
+    assert lines[7] == ("| capacity gap teacher - student alone | 8.00 points (>= 5 needed); "
+                        "6.50 to its 2x-epochs row | yes |")
+    # a teacher that still gains more than the tolerance has not stopped improving; a missing
+    # reference row or one seed leaves the student check undecided
+    late = kd_bench.convergence_checks(summary, curve[:1] + [
+        {"epochs": 16, "metrics": {"tar@0.001": 91.5}}], {}, 5.0, 1.0)
+    assert late["teacher"]["holds"] is False and late["students"] == []
+    one = _summary_with({"student alone": [80.0], "student alone, 2x epochs": [80.5]})
+    undecided = kd_bench.convergence_checks(one, curve[1:], {
+        "student alone, 2x epochs": "student alone", "absent": "student alone"}, 5.0, 1.0)
+    assert undecided["teacher"]["holds"] is None
+    assert [s["holds"] for s in undecided["students"]] == [None, None]
+
+
+def test_rows_compare_with_the_student_alone_of_their_own_recipe():
+    summary = _summary_with({"student alone": [50.0, 52.0, 51.0], "M1": [55.0, 53.0, 57.0],
+                             "B2": [60.0, 61.0, 62.0], "M2": [62.5, 63.0, 61.5]})
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert summary["baselines"] == ["student alone", "B2"]
+    assert rows["M2"]["baseline"] == "B2" and rows["M1"]["baseline"] == "student alone"
+    m2 = rows["M2"]["metrics"]["tar@0.001"]
+    assert m2["gap_closed"] == pytest.approx((62.333333 - 61.0) / (90.0 - 61.0), rel=1e-5)
+    assert m2["paired"]["mean_diff"] == pytest.approx((2.5 + 2.0 - 0.5) / 3)
+    assert rows["B2"]["metrics"]["tar@0.001"]["paired"] is None
+    lines = kd_bench.per_seed_table(summary, "tar@0.001", titles={"tar@0.001": "T3"})
+    assert "of its baseline (student alone / B2)" in lines[0]
+    assert "| M1 | 55.00 | 53.00 | 57.00 | yes |" in lines
+    assert "| M2 | 62.50 | 63.00 | 61.50 | no |" in lines    # 61.5 is not above B2's 62
+    assert "| B2 | 60.00 | 61.00 | 62.00 | -- |" in lines
+    text = kd_bench.markdown_tables(summary, titles={"tar@0.001": "T3"})
+    assert "| (gap to student alone, points) | 39.00 |" in text
+    assert "| (gap to B2, points) | 29.00 |" in text
+
+
+def test_a_converged_run_trains_the_reference_teacher_and_reports_the_checks(tmp_path, fakes):
+    payload = kd_quality.run(_args(tmp_path, quick=False, regime="converged", seeds="0,1,2",
+                                   schedule=kd_bench.PAPERS,
+                                   methods="GKD fixed-k,AdaArcDistill alpha'," +
+                                           kd_bench.LONG_BASELINE))
+    task = kd_bench.merged_task(False, "converged")
+    refs = [j for j in fakes.teacher_jobs if not j["build_cache"]]
+    main = [j for j in fakes.teacher_jobs if j["build_cache"]]
+    assert [j["epochs"] for j in refs] == list(task["teacher_reference_epochs"])
+    assert [j["epochs"] for j in main] == [task["teacher"]["num_epoch"]]
+    assert {m for m, _ in fakes.student_calls} == {
+        kd_bench.BASELINE, kd_bench.GKD_BASELINE, "GKD fixed-k", "AdaArcDistill alpha'",
+        kd_bench.LONG_BASELINE}
+    checks = payload["checks"]
+    assert [p["epochs"] for p in checks["teacher"]["curve"]] == sorted(
+        list(task["teacher_reference_epochs"]) + [task["teacher"]["num_epoch"]])
+    assert [s["baseline"] for s in checks["students"]] == [kd_bench.BASELINE]
+    assert [g["baseline"] for g in checks["gaps"]] == [kd_bench.BASELINE]
+    report = (tmp_path / "converged" / "results.md").read_text()
+    assert report.startswith("Convergence and capacity checks (TAR@FAR=1e-3):")
+    assert payload["regime"] == "converged" and payload["device"] == "cpu"
+    # the same command again trains nothing: the reference teacher is cached too
+    kd_quality.run(_args(tmp_path, quick=False, regime="converged", seeds="0,1,2",
+                         schedule=kd_bench.PAPERS, methods="GKD fixed-k"))
+    assert len(fakes.teacher_jobs) == 2
+
+
+# --------------------------------------------------------------------------- device and digests
+
+def test_device_option_reaches_every_job_and_its_digest(tmp_path, fakes):
+    cpu = kd_quality.run(_args(tmp_path, seeds="0"))
+    cuda = kd_quality.run(_args(tmp_path, seeds="0", device="cuda"))
+    assert cpu["device"] == "cpu" and cuda["device"] == "cuda"
+    assert len(fakes.teacher_jobs) == 2 and len(fakes.student_jobs) == 4     # nothing reused
+    assert {j["device"] for j in fakes.teacher_jobs} == {"cpu", "cuda"}
+    assert sorted(j["device"] for j in fakes.student_jobs) == ["cpu", "cpu", "cuda", "cuda"]
+    # the large regime is the GPU one: real networks, cuda unless told otherwise
+    kd_quality.run(_args(tmp_path, quick=False, regime="large", seeds="0", methods=""))
+    large = [j for j in fakes.student_jobs if j["config"]["network"] == "mobilefacenet"]
+    assert large and {j["device"] for j in large} == {"cuda"}
+    assert fakes.teacher_jobs[-1]["config"]["network"] == "r50"
+
+
+def test_every_large_regime_config_is_a_valid_trainer_config():
+    from tools.kd_bench_jobs import run_config
+    task = kd_bench.merged_task(False, "large")
+    methods = kd_bench.methods_of(task)
+    teacher = kd_quality.teacher_job(task, "/d", "data", "/r", "cuda")
+    assert run_config(dict(teacher, repo=kd_quality.REPO)).network == "r50"
+    for job in kd_quality.student_jobs(task, methods, "/d", "data", teacher, "/r", "cuda"
+                                       )[:len(methods)]:
+        assert job["device"] == "cuda"
+        cfg = run_config(dict(job, repo=kd_quality.REPO))
+        assert cfg.network == "mobilefacenet" and cfg.distill == job["config"]["distill"]
+
+
+def test_pin_process_hides_the_gpu_for_cpu_jobs_and_requires_one_for_cuda(monkeypatch):
+    import torch
+    from tools import kd_bench_jobs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="--device cuda: no CUDA device"):
+        kd_bench_jobs.pin_process(device="cuda")
+    with pytest.raises(ValueError, match="device must be"):
+        kd_bench_jobs.pin_process(device="tpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot hide the GPU"):
+        kd_bench_jobs.pin_process(device="cpu")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""      # hidden before torch could start CUDA
+
+
+def test_digests_follow_packages_and_device_but_not_paths():
+    task = kd_bench.merged_task(False, "converged")
+    env = kd_bench.environment()
+    assert {"torch", "numpy", "cv2", "jpeg_decoder"} <= set(env)
+    data = kd_quality.data_digest_of(task, env)
+    assert kd_quality.data_digest_of(task, dict(env, cv2="5.0.0")) != data
+    assert kd_quality.data_digest_of(kd_bench.merged_task(False), env) != data
+    here = kd_quality.teacher_job(task, "/a/data", data, "/a")
+    there = kd_quality.teacher_job(task, "/elsewhere/data", data, "/elsewhere/root")
+    assert here["digest"] == there["digest"] and here["output"] != there["output"]
+    assert kd_quality.teacher_job(task, "/a/data", data, "/a", "cuda")["digest"] != \
+        here["digest"]
+    ref = kd_quality.teacher_job(task, "/a/data", data, "/a", epochs=8)
+    assert ref["digest"] != here["digest"] and ref["build_cache"] is False
+    assert ref["epochs"] == 8 and here["build_cache"] and here["name"] == "teacher"
+    methods = kd_bench.methods_of(task)
+    a = kd_quality.student_jobs(task, methods, "/a/data", data, here, "/a")
+    b = kd_quality.student_jobs(task, methods, "/b/data", data, there, "/b")
+    c = kd_quality.student_jobs(task, methods, "/a/data", data, here, "/a", "cuda")
+    assert [j["digest"] for j in a] == [j["digest"] for j in b]
+    assert not {j["digest"] for j in a} & {j["digest"] for j in c}
+    assert kd_quality.DEFAULT_ROOT == os.path.join(kd_quality.REPO, "work_dirs", "kd_bench")
+
+
+def test_variation_knob_keeps_the_default_images_and_spreads_the_others():
+    from tools import synthetic
+    params = synthetic.identity_params(7, 0)
+    default = synthetic.render_face(params, synthetic._image_rng(0, 1, 7, 3))
+    same = synthetic.render_face(params, synthetic._image_rng(0, 1, 7, 3), variation=1.0)
+    assert np.array_equal(default, same)
+    # pixel spread over one identity's images grows with the variation
+    def spread(v):
+        imgs = np.stack([synthetic.render_face(params, synthetic._image_rng(0, 1, 7, j),
+                                               variation=v).astype(np.float64)
+                         for j in range(12)])
+        return imgs.std(axis=0).mean()
+    assert spread(2.0) > 1.2 * spread(1.0)
+    with pytest.raises(ValueError, match="variation must be > 0"):
+        synthetic.render_face(params, synthetic._image_rng(0, 1, 7, 3), variation=0.0)
+
+
+def test_claim_verdicts_weigh_the_difference_against_the_seed_spread():
+    summary = _summary_with({"student alone": [50.0, 52.0, 51.0],
+                             "AdaArcDistill alpha'": [60.0, 61.0, 62.0],    # +10, spread 1
+                             "AdaArcDistill alpha": [60.5, 61.5, 61.0],     # +0.33 vs alpha'
+                             "ArcDistill": [70.0, 71.0, 72.0],              # -10: reversed
+                             "B2": [60.0, 61.0, 62.0],
+                             "GKD fixed-k": [61.0, 62.0, 63.0]})
+    summary_rows = {r["method"]: r for r in summary["rows"]}
+    summary_rows["GKD fixed-k"]["baseline"] = "B2"                      # a per-recipe baseline
+    verdicts = {(v["better"], v["worse"]): v for v in kd_bench.claim_verdicts(summary)}
+    assert set(verdicts) == {("AdaArcDistill alpha'", "student alone"),
+                             ("AdaArcDistill alpha'", "ArcDistill"),
+                             ("AdaArcDistill alpha'", "AdaArcDistill alpha"),
+                             ("GKD fixed-k", "B2")}                      # absent rows skipped
+    first = verdicts[("AdaArcDistill alpha'", "student alone")]
+    assert first["verdict"] == "reproduced" and first["all_above"]
+    assert first["diff"] == pytest.approx(10.0) and first["spread"] == pytest.approx(1.0)
+    assert verdicts[("AdaArcDistill alpha'", "ArcDistill")]["verdict"] == "not reproduced"
+    assert verdicts[("AdaArcDistill alpha'", "AdaArcDistill alpha")]["verdict"] == "inconclusive"
+    assert verdicts[("GKD fixed-k", "B2")]["diff"] == pytest.approx(1.0)
+    assert verdicts[("GKD fixed-k", "B2")]["verdict"] == "inconclusive"   # 1.0 is not > 1.0
+    lines = kd_bench.claims_table(kd_bench.claim_verdicts(summary), "T3")
+    assert lines[2] == "| claim | comparison | diff | spread | every seed above | verdict |"
+    assert ("| distilled > student alone (AdaDistill) | AdaArcDistill alpha' vs student alone "
+            "| +10.00 | 1.00 | yes | reproduced |") in lines

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import json
 import multiprocessing
 import os
 import resource
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from tools.cpu_isa import ISA_PINS, pinned_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER, BASELINE = "teacher", "student alone"
@@ -50,14 +51,6 @@ IJB_QUICK = {"num_ids": 6, "templates_per_id": 2, "medias_per_template": 1,
              "images_per_media": 1, "impostor_ratio": 10}
 QUICK = {"num_classes": 20, "num_image": 200, "max_steps": 4, "batch_size": 16, "gkd_k": 5}
 PATH_KEYS = ("output", "rec", "teacher_checkpoint", "teacher_classifier", "teacher_cache")
-# The instruction set of the runs' kernels, pinned like the thread count: torch's own kernels
-# (ATen), oneDNN's convolutions and MKL's matrix products each take the widest the CPU offers,
-# and AVX-512 kernels sum in another order than AVX2 ones (README: several points of TAR@FAR).
-# "avx2" (the default) runs the AVX2 kernels on AVX2 and AVX-512 machines alike; "native" leaves
-# the choice to each library.
-ISA_PINS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                     "MKL_CBWR": "AVX2"},
-            "native": {}}
 
 
 def make_data(cfg, images_per_id: int, pairs: int, ijb: Dict[str, int], workers: int) -> None:
@@ -148,22 +141,6 @@ def _quiet_worker(log_path: str) -> None:
     os.dup2(handle, 2)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
-
-
-@contextlib.contextmanager
-def pinned_environment(pins: Mapping[str, str]) -> Iterator[None]:
-    """Set the environment variables ``pins`` while the block runs (the processes started in it
-    inherit them), then put back what was there."""
-    saved = {key: os.environ.get(key) for key in pins}
-    os.environ.update(pins)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def run_all(jobs: Sequence[Mapping[str, Any]], workers: int, log_path: str,

@@ -24,12 +24,27 @@ from typing import Any, Dict, Mapping
 THREADS = 1
 
 
-def pin_process(threads: int = THREADS) -> None:
+def pin_process(threads: int = THREADS, device: str = "cpu") -> None:
     """One intra-op (and inter-op) thread for this process: the results of a job are then the
-    same whether it runs alone or beside another job (reduction order depends on threads)."""
+    same whether it runs alone or beside another job (reduction order depends on threads).
+
+    ``device``: ``"cpu"`` hides every GPU from this process before CUDA starts (the trainer and
+    the cache build take a visible GPU); ``"cuda"`` requires one (RuntimeError otherwise)."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
+    if device == "cpu" and torch.cuda.is_initialized():
+        raise RuntimeError("kd-bench: CUDA was started in this process before pin_process; a "
+                           "--device cpu job cannot hide the GPU any more (start jobs in fresh "
+                           "processes, as bench/kd_quality.py does)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"kd-bench --device cuda: no CUDA device is visible to this process "
+                           f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+                           f"use --device cpu or a CUDA build of torch on a GPU machine")
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(threads)
@@ -71,15 +86,18 @@ def make_data(task: Mapping[str, Any], root: str) -> str:
         return root
     os.makedirs(root, exist_ok=True)
     start = time.time()
+    variation = float(task.get("variation", 1.0))     # within-identity variation, every set
     write_train_set(root, task["num_ids"], task["images_per_id"], seed=task["data_seed"],
-                    workers=task.get("render_workers", 1), verbose=True)
+                    workers=task.get("render_workers", 1), verbose=True, variation=variation)
     write_verification_bin(os.path.join(root, "lfw.bin"), task["bin_pairs"],
-                           seed=task["data_seed"], num_ids=task["bin_ids"], verbose=True)
+                           seed=task["data_seed"], num_ids=task["bin_ids"], verbose=True,
+                           variation=variation)
     write_ijb(os.path.join(root, "IJBC"), "IJBC", num_ids=task["ijb_ids"],
               templates_per_id=task["ijb_templates_per_id"],
               medias_per_template=task["ijb_medias_per_template"],
               images_per_media=task["ijb_images_per_media"],
-              impostor_ratio=task["ijb_impostor_ratio"], seed=task["data_seed"], verbose=True)
+              impostor_ratio=task["ijb_impostor_ratio"], seed=task["data_seed"], verbose=True,
+              variation=variation)
     _write_json(marker, {"task": dict(task), "seconds": round(time.time() - start, 1)})
     return root
 
@@ -168,7 +186,8 @@ def ijb_tar_at_far(backbone, ijb_root: str, target: str = "IJBC",
 
 
 def evaluate_model(backbone, data_root: str, fars=(1e-4, 1e-3, 1e-2)) -> Dict[str, Any]:
-    """TAR@FAR (percent) on ``data_root/IJBC`` and the lfw.bin accuracy of ``backbone``."""
+    """TAR@FAR (percent) on ``data_root/IJBC`` and the lfw.bin accuracy of ``backbone`` (on the
+    device of its parameters, fp32)."""
     from eval.model_io import TorchEmbedder
     from eval.bin_verification import load_bin, verify
 
@@ -179,8 +198,8 @@ def evaluate_model(backbone, data_root: str, fars=(1e-4, 1e-3, 1e-2)) -> Dict[st
     return out
 
 
-def load_trained(network: str, embedding_size: int, output: str):
-    """The backbone a run saved as ``output/model.pt`` (weights_only load)."""
+def load_trained(network: str, embedding_size: int, output: str, device: str = "cpu"):
+    """The backbone a run saved as ``output/model.pt`` (weights_only load), on ``device``."""
     import torch
 
     from plugins.backbones import get_model
@@ -188,34 +207,38 @@ def load_trained(network: str, embedding_size: int, output: str):
     model = get_model(network, num_features=embedding_size)
     state = torch.load(os.path.join(output, "model.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
-    return model
+    return model.to(device)
 
 
-def _load_student(cfg):
-    return load_trained(cfg.network, cfg.embedding_size, cfg.output)
+def _load_student(cfg, device: str = "cpu"):
+    return load_trained(cfg.network, cfg.embedding_size, cfg.output, device)
 
 
 # --------------------------------------------------------------------------- jobs
 
 def train_teacher(job: Mapping[str, Any]) -> Dict[str, Any]:
-    """Train the teacher (``distill='none'``), evaluate it, build its embedding cache; write
-    ``<output>/teacher.json`` last (the marker of a finished teacher)."""
-    pin_process()
+    """Train the teacher (``distill='none'``), evaluate it, build its embedding cache (unless
+    ``job['build_cache']`` is False: a convergence reference); write ``<output>/teacher.json``
+    last (the marker of a finished teacher)."""
+    device = job.get("device", "cpu")
+    pin_process(device=device)
     from engine.teacher_cache_build import build_from_config
     from engine.trainer import train
 
     cfg = run_config(job)
     start = time.time()
     summary = train(cfg)
-    metrics = evaluate_model(_load_student(cfg), job["data_root"])
-    cache_cfg = dict(cfg, teacher_network=cfg.network, teacher_embedding_size=cfg.embedding_size,
-                     teacher_checkpoint=os.path.join(cfg.output, "model.pt"),
-                     teacher_cache=os.path.join(cfg.output, "embedding_cache"),
-                     teacher_fp16=False, num_workers=0, batch_size=128)
-    build_from_config(cache_cfg, dtype="float32")
+    metrics = evaluate_model(_load_student(cfg, device), job["data_root"])
+    if job.get("build_cache", True):
+        cache_cfg = dict(cfg, teacher_network=cfg.network,
+                         teacher_embedding_size=cfg.embedding_size,
+                         teacher_checkpoint=os.path.join(cfg.output, "model.pt"),
+                         teacher_cache=os.path.join(cfg.output, "embedding_cache"),
+                         teacher_fp16=False, num_workers=0, batch_size=128)
+        build_from_config(cache_cfg, dtype="float32")
     result = {"name": job["name"], "metrics": metrics, "steps": summary["steps"],
-              "final_loss": summary["loss"], "seconds": round(time.time() - start, 1),
-              "digest": job["digest"]}
+              "epochs": int(cfg.num_epoch), "final_loss": summary["loss"],
+              "seconds": round(time.time() - start, 1), "digest": job["digest"]}
     _write_json(os.path.join(cfg.output, "teacher.json"), result)
     return result
 
@@ -228,13 +251,14 @@ def train_and_eval(job: Mapping[str, Any]) -> Dict[str, Any]:
         if job.get("reuse", True) else None
     if done is not None:          # another benchmark process finished this run meanwhile
         return done
-    pin_process()
+    device = job.get("device", "cpu")
+    pin_process(device=device)
     from engine.trainer import train
 
     cfg = run_config(job)
     start = time.time()
     summary = train(cfg)
-    metrics = evaluate_model(_load_student(cfg), job["data_root"])
+    metrics = evaluate_model(_load_student(cfg, device), job["data_root"])
     losses = summary["losses"]
     result = {"name": job["name"], "method": job["method"], "seed": job["seed"],
               "metrics": metrics, "steps": summary["steps"], "final_loss": summary["loss"],

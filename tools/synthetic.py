@@ -199,7 +199,8 @@ class _Canvas:
 def render_face(params: IdentityParams,
                 rng: np.random.Generator,
                 size: Tuple[int, int] = (112, 112),
-                transform: Optional[np.ndarray] = None) -> np.ndarray:
+                transform: Optional[np.ndarray] = None,
+                variation: float = 1.0) -> np.ndarray:
     """Draw one image of an identity.
 
     Args:
@@ -209,18 +210,30 @@ def render_face(params: IdentityParams,
         transform: ``[2, 3]`` map from the aligned 112 x 112 frame to output pixels (default:
             identity, i.e. an aligned face).  Aligning the output with the landmarks
             ``apply_affine(transform, ARCFACE_TEMPLATE)`` recovers the aligned face.
+        variation: scale of the within-identity variation (> 0): the spread of the pose jitter
+            (scale, angle and its +-10 degree bound, shift), of the illumination gradient, of the
+            colour gain and of the sensor noise is multiplied by it.  1.0 is the default task
+            (the draws and the images are exactly those of the generator without this knob);
+            larger values make a harder task (more intra-class variation, the same identities).
 
-    Returns ``[H, W, 3]`` uint8 RGB; the draws from ``rng`` do not depend on size/transform.
+    Returns ``[H, W, 3]`` uint8 RGB; the draws from ``rng`` do not depend on size/transform/
+    variation.
     """
+    if not variation > 0:
+        raise ValueError(f"variation must be > 0, got {variation}")
+    v = float(variation)
     # -- this image's variation (always the same number of draws) -------------------------------
-    jitter = similarity(1.0 + rng.normal(0, 0.035), np.deg2rad(np.clip(rng.normal(0, 4.0), -10,
-                        10)), rng.normal(0, 1.5), rng.normal(0, 1.5))
-    light_dir, light = rng.uniform(0, 2 * np.pi), rng.uniform(0.0, 0.45)
-    gain = (1.0 + rng.normal(0, 0.12)) * (1.0 + rng.normal(0, 0.05, 3))
+    jitter = similarity(1.0 + rng.normal(0, 0.035 * v),
+                        np.deg2rad(np.clip(rng.normal(0, 4.0 * v), -10 * v, 10 * v)),
+                        rng.normal(0, 1.5 * v), rng.normal(0, 1.5 * v))
+    light_dir, light = rng.uniform(0, 2 * np.pi), rng.uniform(0.0, 0.45 * v)
+    gain = (1.0 + rng.normal(0, 0.12 * v)) * (1.0 + rng.normal(0, 0.05 * v, 3))
+    if v != 1.0:      # a large spread could flip the image's sign; the default never gets near
+        gain = np.maximum(gain, 0.1)
     bg = rng.uniform(0, 255, (2, 3)).astype(np.float32)
     bg_dir = rng.uniform(0, 2 * np.pi)
     mouth_open, eye_open = rng.uniform(0.0, 1.0), rng.uniform(0.55, 1.0)
-    noise_sigma = rng.uniform(1.0, 7.0)
+    noise_sigma = rng.uniform(1.0, 7.0) * v
     noise_seed = int(rng.integers(1 << 62))
 
     to_pixel = jitter if transform is None else compose(np.asarray(transform, float), jitter)
@@ -313,14 +326,16 @@ class _Progress:
                   file=sys.stderr, flush=True)
 
 
-def _identity_jpegs(seed: int, identity: int, count: int) -> List[bytes]:
+def _identity_jpegs(seed: int, identity: int, count: int, variation: float = 1.0
+                    ) -> List[bytes]:
     """JPEG bytes of the first ``count`` training images of ``identity``."""
     params = identity_params(identity, seed)
-    return [encode_jpeg(render_face(params, _image_rng(seed, _TAG_TRAIN, identity, j)))
+    return [encode_jpeg(render_face(params, _image_rng(seed, _TAG_TRAIN, identity, j),
+                                    variation=variation))
             for j in range(count)]
 
 
-def _star_identity_jpegs(job: Tuple[int, int, int]) -> List[bytes]:
+def _star_identity_jpegs(job: Tuple[int, int, int, float]) -> List[bytes]:
     return _identity_jpegs(*job)
 
 
@@ -338,8 +353,8 @@ def _render_pool(workers: int) -> Optional[concurrent.futures.ProcessPoolExecuto
 
 
 def write_train_set(root: str, num_ids: int, images_per_id: int, seed: int = 0,
-                    first_id: int = 0, workers: int = 1, verbose: bool = False
-                    ) -> Dict[str, object]:
+                    first_id: int = 0, workers: int = 1, verbose: bool = False,
+                    variation: float = 1.0) -> Dict[str, object]:
     """Write an InsightFace-style training set: ``root/train.rec``, ``train.idx``, ``property``.
 
     Args:
@@ -351,6 +366,7 @@ def write_train_set(root: str, num_ids: int, images_per_id: int, seed: int = 0,
         workers: processes rendering identities in parallel; the files are identical for any
             number of workers (images are written in class order by this process).
         verbose: print progress to stderr.
+        variation: within-identity variation of every image (``render_face``).
 
     Layout as InsightFace's packed sets: images at keys ``1..N`` grouped by class (IRHeader flag 0,
     label = class, id = key), identity records at keys ``N+1..N+C`` (flag 2, label
@@ -364,7 +380,7 @@ def write_train_set(root: str, num_ids: int, images_per_id: int, seed: int = 0,
     os.makedirs(root, exist_ok=True)
     n = num_ids * images_per_id
     progress = _Progress(f"train set {root}", n, verbose)
-    jobs = [(seed, first_id + c, images_per_id) for c in range(num_ids)]
+    jobs = [(seed, first_id + c, images_per_id, variation) for c in range(num_ids)]
     pool = _render_pool(workers)
     try:
         per_id = pool.map(_star_identity_jpegs, jobs) if pool else \
@@ -390,7 +406,7 @@ def write_train_set(root: str, num_ids: int, images_per_id: int, seed: int = 0,
 
 def write_verification_bin(path: str, num_pairs: int, seed: int = 0, num_ids: int = 50,
                            first_id: int = EVAL_FIRST_ID, variant: int = 0,
-                           verbose: bool = False) -> None:
+                           verbose: bool = False, variation: float = 1.0) -> None:
     """Write a verification set as arcface_torch reads it: pickle of ``(bins, issame_list)``.
 
     Args:
@@ -402,6 +418,7 @@ def write_verification_bin(path: str, num_pairs: int, seed: int = 0, num_ids: in
         variant: salts pair sampling and image variation (not the identities), so several sets
             written with one seed differ (the CLI uses a hash of the set name).
         verbose: print progress to stderr.
+        variation: within-identity variation of every image (``render_face``).
 
     Half the pairs (``num_pairs // 2``, at random positions) are genuine (two images of one
     identity), the rest impostors (two identities).
@@ -420,7 +437,8 @@ def write_verification_bin(path: str, num_pairs: int, seed: int = 0, num_ids: in
         for side, ident in enumerate((a, b)):
             ident += first_id
             params = cache.setdefault(ident, identity_params(ident, seed))
-            img = render_face(params, _image_rng(seed, _TAG_BIN, variant, ident, 2 * i + side))
+            img = render_face(params, _image_rng(seed, _TAG_BIN, variant, ident, 2 * i + side),
+                              variation=variation)
             bins.append(encode_jpeg(img))
             progress.step()
     save_bytes(path, pickle.dumps((bins, issame.tolist()), protocol=4))
@@ -428,8 +446,8 @@ def write_verification_bin(path: str, num_pairs: int, seed: int = 0, num_ids: in
 
 def write_ijb(root: str, target: str = "IJBC", num_ids: int = 20, templates_per_id: int = 2,
               medias_per_template: int = 2, images_per_media: int = 2, impostor_ratio: int = 10,
-              seed: int = 0, first_id: int = EVAL_FIRST_ID, verbose: bool = False
-              ) -> Dict[str, object]:
+              seed: int = 0, first_id: int = EVAL_FIRST_ID, verbose: bool = False,
+              variation: float = 1.0) -> Dict[str, object]:
     """Write an IJB-B/C-style folder: ``root/meta/*.txt`` and ``root/loose_crop/*.jpg``.
 
     Args:
@@ -443,6 +461,8 @@ def write_ijb(root: str, target: str = "IJBC", num_ids: int = 20, templates_per_
         seed: generator seed.
         first_id: first generator identity; the default is disjoint from training sets.
         verbose: print progress to stderr.
+        variation: within-identity variation of every face (``render_face``; the placement in
+            the loose crop is not scaled).
 
     Each image is a loose crop (150-200 px) in which the aligned face was placed by a random
     similarity transform; ``*_name_5pts_score.txt`` gives the transformed ArcFace template points,
@@ -481,7 +501,8 @@ def write_ijb(root: str, target: str = "IJBC", num_ids: int = 20, templates_per_
                     place = similarity(scale, angle, side / 2 - _CENTER + shift[0],
                                        side / 2 - _CENTER + shift[1])
                     img = render_face(params, _image_rng(seed, _TAG_IJB, first_id + ident,
-                                                         img_no), (side, side), place)
+                                                         img_no), (side, side), place,
+                                      variation=variation)
                     save_bytes(os.path.join(crops, name), encode_jpeg(img), durable=False)
                     pts = apply_affine(place, ARCFACE_TEMPLATE)
                     score = rng.uniform(0.6, 1.0)
@@ -526,20 +547,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--templates-per-id", type=int, default=2, help="IJB templates per identity")
     ap.add_argument("--eval-first-id", type=int, default=EVAL_FIRST_ID,
                     help="first generator identity of the evaluation sets (0 = training ids)")
+    ap.add_argument("--variation", type=float, default=1.0,
+                    help="scale of the within-identity variation (pose, light, colour, noise)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     info = write_train_set(args.out, args.num_ids, args.images_per_id, args.seed,
-                           workers=args.workers, verbose=True)
+                           workers=args.workers, verbose=True, variation=args.variation)
     print(f"wrote {info['num_images']} images of {info['num_classes']} identities to {args.out}")
     for name in filter(None, (s.strip() for s in args.bins.split(","))):
         path = os.path.join(args.out, f"{name}.bin")
         write_verification_bin(path, args.num_pairs, args.seed, args.bin_ids, args.eval_first_id,
-                               variant=zlib.crc32(name.encode()), verbose=True)
+                               variant=zlib.crc32(name.encode()), verbose=True,
+                               variation=args.variation)
         print(f"wrote {path} ({args.num_pairs} pairs)")
     if args.ijb:
         ijb = write_ijb(os.path.join(args.out, args.ijb), args.ijb, args.ijb_ids,
                         args.templates_per_id, seed=args.seed, first_id=args.eval_first_id,
-                        verbose=True)
+                        verbose=True, variation=args.variation)
         print(f"wrote {ijb['root']}: {ijb['num_images']} images, {ijb['num_templates']} "
               f"templates, {ijb['num_pairs']} pairs ({ijb['num_genuine']} genuine)")
     print(f"done in {time.perf_counter() - start:.1f} s")

@@ -232,6 +232,7 @@ def test_every_method_config_is_a_valid_trainer_config():
     for job in kd_quality.student_jobs(task, methods, "/d", "data", teacher, "/r")[:len(methods)]:
         cfg = run_config(dict(job, repo=repo))
         assert cfg.distill == job["config"]["distill"]
+        assert cfg.start_over   # an interrupted attempt's checkpoints do not block the rerun
     assert kd_bench._gkd_k(85742) == 10000 and kd_bench._gkd_k(1000) == 117
 
 

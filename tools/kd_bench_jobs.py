@@ -127,6 +127,9 @@ def run_config(job: Mapping[str, Any]):
     apply_distill_defaults(base)
     check_types(base, f"kd_quality job {job['name']}")
     base["config_name"] = job["name"]
+    # a job's folder without its result marker is an interrupted attempt at this same run
+    # (the folder is named by the run's digest): its checkpoints go, the run starts over
+    base["start_over"] = True
     return EasyDict(base)
 
 

@@ -11,13 +11,14 @@ from bench import gpu_throughput as bench
 
 def test_quick_mode_times_every_row_and_column(tmp_path):
     out = tmp_path / "table"
-    assert bench.main(["--quick", "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--rounds", "1", "--workdir", str(tmp_path / "work"),
+                       "--out", str(out)]) == 0
     result = json.loads((tmp_path / "table.json").read_text())
     rows = {(r["row"], r["precision"], r["compile"]): r for r in result["rows"]}
     assert set(rows) == {(row, p, "off") for row in bench.ROWS for p in ("fp32", "fp16")}
     for key, row in rows.items():
         for column in "abc":
-            assert len(row[column]) == 2 and all(v > 0 for v in row[column]), (key, column)
+            assert len(row[column]) == 1 and all(v > 0 for v in row[column]), (key, column)
         assert row["b/a"] > 0 and row["c/b"] > 0
     text = (tmp_path / "table.md").read_text()
     assert "| (a) upstream-style | (b) our step | (c) our loader | b/a | c/b |" in text

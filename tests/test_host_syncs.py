@@ -25,8 +25,11 @@ STEPS, FREQUENT = 20, 10
 BUILT_IN = [name for name in head_names()
             if head_spec(name).cls.__module__.startswith("plugins.heads.")]
 FLOAT16 = dict(fp16=True, amp_dtype="float16")
+# every path: AdaDistill and GKD online under float16 + GradScaler and cached in fp32; the other
+# heads alternate online fp32 / cached fp32 (their float16 step is the same scaler flag, and
+# float16 autocast on a CPU is the slowest part of the suite)
 CASES = {name: ([("online", FLOAT16), ("cached", {})] if name in ("adadistill", "gkd") else
-                [("online", FLOAT16) if i % 2 == 0 else ("cached", {})])
+                [("online", {}) if i % 2 == 0 else ("cached", {})])
          for i, name in enumerate(BUILT_IN)}
 
 

@@ -152,12 +152,10 @@ def select_methods(methods: Sequence[kd_bench.Method], names: str) -> List[kd_be
     if not names:
         return list(methods)
     wanted = {m.strip() for m in re.split(r",(?! )", names)}   # "a, b" inside a name stays
-    unknown = wanted - {m.name for m in methods}
-    if unknown:
-        raise SystemExit(f"--methods: unknown {sorted(unknown)}; known: "
-                         f"{[m.name for m in methods]}")
-    wanted |= {m.baseline for m in methods if m.name in wanted} | {BASELINE}
-    return [m for m in methods if m.name in wanted]
+    try:
+        return kd_bench.rows_named(methods, wanted | {BASELINE}, "--methods")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:

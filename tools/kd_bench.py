@@ -248,13 +248,18 @@ def methods_of(task: Mapping[str, Any], every: bool = False) -> List[Method]:
     names = task.get("methods")
     if every or not names:
         return table
+    kept = {m.name for m in rows_named(table, names, "the regime's methods")}
+    kept |= {m.name for m in table if m.doubles in kept}
+    return [m for m in table if m.name in kept]
+
+
+def rows_named(table: Sequence[Method], names, what: str) -> List[Method]:
+    """The rows of ``table`` named in ``names`` and the baseline of each, in table order;
+    ValueError (``what``: who named them) for a name that is not a row."""
     unknown = set(names) - {m.name for m in table}
     if unknown:
-        raise ValueError(f"the regime's methods name unknown rows {sorted(unknown)}; known: "
-                         f"{[m.name for m in table]}")
-    kept = set(names)
-    kept |= {m.baseline for m in table if m.name in kept}
-    kept |= {m.name for m in table if m.doubles in kept}
+        raise ValueError(f"{what}: unknown {sorted(unknown)}; known: {[m.name for m in table]}")
+    kept = set(names) | {m.baseline for m in table if m.name in names}
     return [m for m in table if m.name in kept]
 
 

@@ -10,9 +10,10 @@ The regimes (tools/kd_bench.py ``REGIMES``): ``short`` is the CPU demo's (the de
 ``tiny_t`` for 4 epochs, a much smaller student ``kdb_student`` for 3, one shared cosine: what a
 teacher signal buys on a short schedule); ``converged`` trains the teacher until it stops
 improving and every student until the student alone has converged, every run on the shape of
-GKD's recipe (warm-up + one cosine) scaled to the regime's epochs, on a harder task where the
-capacity gap survives convergence (``--schedule papers``: each method on its own paper's shape,
-with a student alone per recipe); ``large`` is the same design at GPU scale.  The teacher is
+GKD's recipe (warm-up + one cosine) scaled to the regime's epochs, on a task where the
+capacity gap survives convergence (patch-stem networks ``kdb_patch_teacher`` and
+``kdb_patch_student``, tools/kd_bench_nets.py, 48 epochs each; within-identity variation 1.25;
+``--schedule papers``: each method on its own paper's shape, with a student alone per recipe); ``large`` is the same design at GPU scale.  The teacher is
 trained once, with its teacher-embedding cache (plus, for the convergence evidence, the same
 teacher for fewer epochs), and cached by the digest of its config, data, code and package versions
 (``work_dirs/kd_bench/teacher_<digest>/``); every method of ``tools.kd_bench.method_table`` is

@@ -27,8 +27,14 @@ def test_cache_gives_the_online_teachers_training_run(workdir, cache_dir, method
     assert a["losses"] == pytest.approx(b["losses"], rel=1e-4)
     sa = torch.load(os.path.join(online.output, "model.pt"), weights_only=True)
     sb = torch.load(os.path.join(cached.output, "model.pt"), weights_only=True)
+    # The cache's teacher forward runs at another batch size than the online one; the AVX-512
+    # convolution kernels block by batch size, so the embeddings differ in the last bit (~1e-7).
+    # GKD's loss (~60 here, 8x AdaDistill's) amplifies that to 1.9e-5 in one weight after 6
+    # steps on an Intel Sapphire Rapids (with the AVX2 kernels, and on AMD EPYC: < 1e-5), so
+    # GKD's weights are held to 1e-4 (5x that), its losses to the same 1e-4 as AdaDistill's.
+    atol = 1e-4 if method == "gkd" else 1e-5
     for key in sa:
-        torch.testing.assert_close(sa[key], sb[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(sa[key], sb[key], rtol=1e-4, atol=atol, msg=key)
 
 
 def test_cache_of_another_teacher_is_refused(workdir, cache_dir):

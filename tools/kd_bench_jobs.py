@@ -11,8 +11,9 @@ Each job runs in its own process with ONE intra-op thread and no DataLoader work
   evaluated by ``evaluate_model``: TAR@FAR on the synthetic IJB-C folder (eval/ijb.py, the
   published pipeline) and the 10-fold ``lfw.bin`` accuracy (eval/bin_verification.py).
 
-The benchmark's teacher is the demo's ``tiny_t``; its student ``kdb_student`` (a TinyFaceNet far
-narrower than the demo's tiny_s) is registered here.
+The short regime's teacher is the demo's ``tiny_t``, its student ``kdb_student`` (a TinyFaceNet far
+narrower than the demo's tiny_s); the converged regime's are ``kdb_patch_teacher`` and
+``kdb_patch_student`` (tools/kd_bench_nets.py, registered by ``register_backbones``).
 """
 from __future__ import annotations
 
@@ -53,24 +54,11 @@ def pin_process(threads: int = THREADS, device: str = "cpu") -> None:
     register_backbones()
 
 
-_REGISTERED = False
-
-
 def register_backbones() -> None:
-    """``kdb_student``: the benchmark's student, TinyFaceNet at a quarter of tiny_s's widths
-    (stem 4, stages 6/12/24, depths 1/1/1); the teacher is the registered ``tiny_t``."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from plugins.backbones import register_model
-    from plugins.backbones.tiny import TinyFaceNet
-
-    @register_model("kdb_student")
-    def kdb_student(num_features: int = 512, fp16: bool = False, dropout: float = 0.0):
-        """Benchmark student: stem 4, stages 6/12/24, depths (1, 1, 1)."""
-        return TinyFaceNet(4, (6, 12, 24), (1, 1, 1), num_features, dropout, fp16)
-
-    _REGISTERED = True
+    """The benchmark's networks (tools/kd_bench_nets.py): ``kdb_student``, ``kdb_patch_teacher``,
+    ``kdb_patch_student``; the short regime's teacher is the registered ``tiny_t``."""
+    from tools.kd_bench_nets import register
+    register()
 
 
 # --------------------------------------------------------------------------- data

@@ -13,7 +13,8 @@ improving and every student until the student alone has converged, every run on 
 GKD's recipe (warm-up + one cosine) scaled to the regime's epochs, on a task where the
 capacity gap survives convergence (patch-stem networks ``kdb_patch_teacher`` and
 ``kdb_patch_student``, tools/kd_bench_nets.py, 48 epochs each; within-identity variation 1.25;
-``--schedule papers``: each method on its own paper's shape, with a student alone per recipe); ``large`` is the same design at GPU scale.  The teacher is
+``--schedule papers``: each method on its own paper's shape, with a student alone per recipe);
+``large`` is the same design at GPU scale.  The teacher is
 trained once, with its teacher-embedding cache (plus, for the convergence evidence, the same
 teacher for fewer epochs), and cached by the digest of its config, data, code and package versions
 (``work_dirs/kd_bench/teacher_<digest>/``); every method of ``tools.kd_bench.method_table`` is

@@ -20,6 +20,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from plugins.backbones import register_model
+from plugins.backbones._common import check_face_batch
+from plugins.backbones.tiny import TinyFaceNet, conv_bn_prelu
+
 _REGISTERED = False
 
 
@@ -36,8 +40,6 @@ class PatchFaceNet(nn.Module):
     def __init__(self, stem_width: int, widths: Sequence[int], depths: Sequence[int],
                  num_features: int = 512) -> None:
         super().__init__()
-        from plugins.backbones.tiny import conv_bn_prelu
-
         if not widths or len(widths) != len(depths) or min(depths) < 1:
             raise ValueError(f"PatchFaceNet needs one depth >= 1 per stage width, got "
                              f"widths={list(widths)}, depths={list(depths)}")
@@ -55,8 +57,6 @@ class PatchFaceNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, 3, 112, 112]`` -> embeddings ``[B, num_features]``."""
-        from plugins.backbones._common import check_face_batch
-
         check_face_batch(x, type(self).__name__)
         x = self.stages(self.stem(x))
         return self.features(self.fc(torch.flatten(self.bn(x), 1)))
@@ -73,8 +73,6 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from plugins.backbones import register_model
-    from plugins.backbones.tiny import TinyFaceNet
 
     @register_model("kdb_student")
     def kdb_student(num_features: int = 512, fp16: bool = False, dropout: float = 0.0):
